@@ -1,0 +1,253 @@
+"""EM and segmentation volumes: open a TensorStore at one resolution, read voxel boxes.
+
+A volume is addressed in voxels at the embedding resolution, axes (x, y, z), as in
+Neuroglancer. Reads outside the stored domain give zeros, so a window near the edge of the
+dataset needs no special case downstream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+DEFAULT_RESOLUTION = (32.0, 32.0, 33.0)
+_SCHEMES = {"precomputed": "neuroglancer_precomputed", "zarr": "zarr", "zarr3": "zarr3", "n5": "n5"}
+# Marker files that tell which driver a bare path holds, in the order they are tried.
+_MARKERS = (("info", "neuroglancer_precomputed"), ("zarr.json", "zarr3"), (".zarray", "zarr"),
+            ("attributes.json", "n5"))
+
+
+class VolumeError(ValueError):
+    """A volume cannot be opened or does not fit the request; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """A voxel box [start, stop) in (x, y, z)."""
+
+    start: tuple[int, int, int]
+    stop: tuple[int, int, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "start", tuple(int(v) for v in self.start))
+        object.__setattr__(self, "stop", tuple(int(v) for v in self.stop))
+
+    @classmethod
+    def around(cls, center: Sequence[int], size: int | Sequence[int]) -> "Box":
+        """The box of `size` voxels whose voxel index size // 2 is `center`."""
+        size = np.broadcast_to(np.asarray(size, dtype=np.int64), (3,))
+        start = np.asarray(center, dtype=np.int64) - size // 2
+        return cls(tuple(start), tuple(start + size))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(max(0, b - a) for a, b in zip(self.start, self.stop))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def is_empty(self) -> bool:
+        return self.size == 0
+
+    def intersect(self, other: "Box") -> "Box":
+        start = tuple(max(a, b) for a, b in zip(self.start, other.start))
+        stop = tuple(max(s, min(a, b)) for s, a, b in zip(start, self.stop, other.stop))
+        return Box(start, stop)
+
+    def grow(self, margin: int) -> "Box":
+        return Box(tuple(v - margin for v in self.start), tuple(v + margin for v in self.stop))
+
+    def contains(self, point: Sequence[int]) -> bool:
+        return all(a <= p < b for a, p, b in zip(self.start, point, self.stop))
+
+    def slices(self, origin: Sequence[int] = (0, 0, 0)) -> tuple[slice, slice, slice]:
+        """Slices of this box inside an array whose voxel [0, 0, 0] is at `origin`."""
+        return tuple(slice(a - o, b - o) for a, b, o in zip(self.start, self.stop, origin))
+
+    def __str__(self) -> str:
+        return f"[{','.join(map(str, self.start))} .. {','.join(map(str, self.stop))})"
+
+
+class PendingRead:
+    """A read in flight; `result()` gives the box as an (x, y, z) array with zeros outside."""
+
+    def __init__(self, box: Box, inside: Box, dtype: np.dtype, future: Any | None):
+        self._box, self._inside, self._dtype, self._future = box, inside, dtype, future
+
+    def result(self) -> np.ndarray:
+        if self._inside == self._box:
+            return np.asarray(self._future.result())
+        out = np.zeros(self._box.shape, dtype=self._dtype)
+        if self._future is not None:
+            out[self._inside.slices(self._box.start)] = self._future.result()
+        return out
+
+
+@dataclasses.dataclass
+class Volume:
+    """One opened volume. Pickles as its spec, so Beam workers reopen it lazily."""
+
+    name: str
+    spec: dict
+    resolution: tuple[float, float, float]
+    bounds: Box
+    dtype: np.dtype
+    _store: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None
+        return state
+
+    @property
+    def store(self) -> ts.TensorStore:
+        if self._store is None:
+            self._store = _xyz_view(ts.open(self.spec, read=True).result(), self.name)
+        return self._store
+
+    def read_async(self, box: Box) -> PendingRead:
+        """Start reading `box`; voxels outside the volume come back as zeros."""
+        inside = box.intersect(self.bounds)
+        future = None
+        if not inside.is_empty():
+            future = self.store[inside.slices()].read()
+        return PendingRead(box, inside, self.dtype, future)
+
+    def read(self, box: Box) -> np.ndarray:
+        return self.read_async(box).result()
+
+    def describe(self) -> str:
+        res = " x ".join(f"{r:g}" for r in self.resolution)
+        return f"{self.name}: {self.dtype} at {res} nm, voxels {self.bounds}"
+
+
+def parse_source(source: str | dict) -> dict:
+    """A TensorStore spec from a JSON object, a JSON file, or a URL shorthand.
+
+    Shorthands: `precomputed://`, `zarr://`, `zarr3://`, `n5://` followed by a path or gs://
+    URL; a bare path or gs:// URL is probed for the marker file of each driver.
+    """
+    if isinstance(source, dict):
+        return dict(source)
+    text = source.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise VolumeError(f"malformed TensorStore spec {text[:80]!r}: {e}") from None
+    if text.endswith(".json") and os.path.isfile(text):
+        try:
+            with open(text) as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise VolumeError(f"malformed TensorStore spec in {text}: {e}") from None
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme in _SCHEMES:
+        return {"driver": _SCHEMES[scheme], "kvstore": _kvstore_url(rest)}
+    kvstore = _kvstore_url(text)
+    try:
+        kv = ts.KvStore.open(kvstore).result()
+        for marker, driver in _MARKERS:
+            if kv.read(marker).result().state == "value":
+                return {"driver": driver, "kvstore": kvstore}
+    except ValueError as e:
+        raise VolumeError(f"cannot read {text}: {e}") from None
+    raise VolumeError(
+        f"no volume at {text}: found none of {', '.join(m for m, _ in _MARKERS)}")
+
+
+def _kvstore_url(path: str) -> str:
+    if "://" in path:
+        return path.rstrip("/") + "/"
+    return "file://" + os.path.abspath(path).rstrip("/") + "/"
+
+
+def _xyz_view(store: ts.TensorStore, name: str) -> ts.TensorStore:
+    """The store as a 3-D (x, y, z) view: axes by label if labelled, a size-1 channel dropped."""
+    labels = store.domain.labels
+    if {"x", "y", "z"} <= set(labels):
+        store = store[ts.d["x", "y", "z"].transpose[:3]]
+    while store.rank > 3:
+        last = store.domain[store.rank - 1]
+        if last.size != 1:
+            raise VolumeError(f"{name}: expected one channel, found {last.size} on axis {last.label!r}")
+        store = store[..., last.inclusive_min]
+    if store.rank != 3:
+        raise VolumeError(f"{name}: expected a 3-D volume, found rank {store.rank}")
+    return store
+
+
+def _precomputed_scale(spec: dict, name: str, resolution: Sequence[float]) -> dict:
+    """Select the scale of a precomputed volume by its resolution."""
+    kv = ts.KvStore.open(spec["kvstore"]).result()
+    found = kv.read("info").result()
+    if found.state != "value":
+        raise VolumeError(f"{name}: no precomputed info file at {spec['kvstore']}")
+    info = json.loads(bytes(found.value))
+    available = [tuple(float(v) for v in s["resolution"]) for s in info.get("scales", [])]
+    for index, res in enumerate(available):
+        if np.allclose(res, resolution, rtol=1e-3):
+            return {**spec, "scale_index": index}
+    raise VolumeError(
+        f"{name}: no scale at resolution {_fmt(resolution)} nm; it has "
+        + ", ".join(_fmt(r) for r in available))
+
+
+def _fmt(res: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in res)
+
+
+def _units_nm(store: ts.TensorStore) -> tuple[float, ...] | None:
+    units = store.dimension_units[:3]
+    if any(u is None for u in units):
+        return None
+    scale = {"nm": 1.0, "um": 1e3, "µm": 1e3, "m": 1e9}
+    try:
+        return tuple(u.multiplier * scale[u.base_unit] for u in units)
+    except KeyError:
+        return None
+
+
+def open_volume(source: str | dict, name: str,
+                resolution: Sequence[float] = DEFAULT_RESOLUTION) -> Volume:
+    """Open `source` at `resolution` (nm, x y z) and check that it offers it."""
+    spec = parse_source(source)
+    if not isinstance(spec, dict) or "driver" not in spec:
+        raise VolumeError(f"{name}: malformed TensorStore spec (no 'driver'): {spec!r}")
+    resolution = tuple(float(v) for v in resolution)
+    if spec["driver"] == "neuroglancer_precomputed" and "scale_index" not in spec:
+        spec = _precomputed_scale(spec, name, resolution)
+    try:
+        store = _xyz_view(ts.open(spec, read=True).result(), name)
+    except ValueError as e:
+        raise VolumeError(f"{name}: cannot open {json.dumps(spec)}: {e}") from None
+    found = _units_nm(store)
+    if found is None:
+        logging.warning("%s has no voxel size in its metadata; taking it as %s nm", name,
+                        _fmt(resolution))
+    elif not np.allclose(found, resolution, rtol=1e-3):
+        raise VolumeError(f"{name}: resolution {_fmt(found)} nm, requested {_fmt(resolution)} nm")
+    bounds = Box(store.domain.inclusive_min, store.domain.exclusive_max)
+    return Volume(name, spec, resolution, bounds, np.dtype(store.dtype.numpy_dtype), store)
+
+
+def open_volumes(em_source: str | dict, segmentation_source: str | dict,
+                 resolution: Sequence[float] = DEFAULT_RESOLUTION) -> tuple[Volume, Volume]:
+    """Open the EM and segmentation pair and check dtypes and overlap."""
+    em = open_volume(em_source, "EM", resolution)
+    segmentation = open_volume(segmentation_source, "segmentation", resolution)
+    if em.dtype != np.uint8:
+        raise VolumeError(f"EM: dtype must be uint8, found {em.dtype}")
+    if not np.issubdtype(segmentation.dtype, np.integer):
+        raise VolumeError(f"segmentation: dtype must be an integer type, found {segmentation.dtype}")
+    if em.bounds.intersect(segmentation.bounds).is_empty():
+        raise VolumeError(
+            f"EM voxels {em.bounds} and segmentation voxels {segmentation.bounds} do not overlap")
+    return em, segmentation

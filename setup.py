@@ -1,0 +1,33 @@
+"""segclr-beam: SegCLR embeddings of EM segmentations with Apache Beam."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="segclr-beam",
+    version="0.1.0",
+    description="Apache Beam pipeline that turns an EM volume and its segmentation into SegCLR embeddings",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["segclr_beam", "segclr_beam.*", "pipelines", "pipelines.*"]),
+    package_data={"pipelines": ["*.json"]},
+    install_requires=[
+        "apache-beam[gcp]==2.77.*",
+        "fastavro>=1.9",
+        "google-cloud-storage>=2.14",
+        "kimimaro>=5.0",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "tensorstore>=0.1.60",
+    ],
+    extras_require={
+        # TensorFlow comes as an extra so that a laptop never downloads CUDA libraries it
+        # cannot use, while the GPU worker image (docker/) installs the CUDA build.
+        "cpu": ["tensorflow-cpu==2.21.*"],
+        "gpu": ["tensorflow[and-cuda]==2.21.*"],
+        "demo": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3"],
+    },
+    entry_points={"console_scripts": ["segclr-beam=segclr_beam.cli:main"]},
+)
