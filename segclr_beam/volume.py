@@ -218,7 +218,10 @@ def _units_nm(store: ts.TensorStore) -> tuple[float, ...] | None:
 def open_volume(source: str | dict, name: str,
                 resolution: Sequence[float] = DEFAULT_RESOLUTION) -> Volume:
     """Open `source` at `resolution` (nm, x y z) and check that it offers it."""
-    spec = parse_source(source)
+    try:
+        spec = parse_source(source)
+    except VolumeError as e:
+        raise VolumeError(f"{name}: {e}") from None
     if not isinstance(spec, dict) or "driver" not in spec:
         raise VolumeError(f"{name}: malformed TensorStore spec (no 'driver'): {spec!r}")
     resolution = tuple(float(v) for v in resolution)
