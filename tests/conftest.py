@@ -56,3 +56,12 @@ def gcs() -> FakeGcs:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """A small synthetic dataset (192 x 192 x 128 voxels, seed 0, jpeg EM), written once."""
+    from segclr_beam import synth
+
+    root = tmp_path_factory.mktemp("synthetic") / "dataset"
+    return synth.write_dataset(root, shape=(192, 192, 128), seed=0)

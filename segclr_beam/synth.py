@@ -1,0 +1,528 @@
+"""A synthetic EM volume and its dense segmentation, for the demo, the tests and the benchmarks.
+
+The labels imitate a segmentation of cortical neuropil at 32 x 32 x 33 nm: thin axons with
+boutons, thicker spiny dendrites that branch, somata with their dendrites and axon, and glia
+filling much of the remaining space, each segment one 6-connected component with a random
+64-bit id. The EM is drawn from the labels (dark membranes, textured cytoplasm, dark
+organelles, noise), so a model sees the same kind of signal it sees in real data. Everything
+is deterministic for a seed, and written as neuroglancer precomputed volumes with TensorStore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import cc3d
+import numpy as np
+import scipy.ndimage as ndi
+import tensorstore as ts
+
+DEFAULT_SHAPE = (384, 384, 256)
+RESOLUTION = (32.0, 32.0, 33.0)
+CLASSES = ("axon", "dendrite", "soma", "glia")
+CHUNK_SIZE = (64, 64, 64)
+MIN_SHAPE = 64
+# Pieces smaller than this are dropped: too small to skeletonize or embed meaningfully.
+MIN_SEGMENT_VOXELS = 1000
+CLASSES_FILE = "classes.json"
+EM_ENCODINGS = ("jpeg", "raw")
+
+# Independent random streams, so that e.g. a change in the EM model leaves the labels alone.
+_GEOMETRY, _IDS, _EM = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A synthetic dataset on disk: EM and segmentation volumes plus the class of each segment."""
+
+    root: str
+    em: str
+    segmentation: str
+    classes: dict[int, str]
+    shape: tuple[int, int, int]
+    seed: int
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _ball(radius: float) -> np.ndarray:
+    """Integer offsets (n, 3) of the voxels within `radius` of a voxel centre."""
+    r = int(np.ceil(radius))
+    grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return grid[(grid ** 2).sum(1) <= radius ** 2 + 1e-6]
+
+
+def _quantize(radius: np.ndarray) -> np.ndarray:
+    """Radii rounded to half voxels, so that a few cached balls paint every tube."""
+    return np.round(np.asarray(radius) * 2) / 2
+
+
+class _Canvas:
+    """The label volume under construction: small local labels (0 = free) and their classes."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = np.array(shape)
+        self.labels = np.zeros(shape, dtype=np.uint32)
+        self.kinds = [""]
+
+    def new_segment(self, kind: str) -> int:
+        self.kinds.append(kind)
+        return len(self.kinds) - 1
+
+    def _voxels(self, centers: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+        """Voxel indices (..., m, 3) of balls at `centers`, clipped into the volume, and a mask."""
+        idx = np.rint(centers).astype(np.int64)[..., None, :] + _ball(float(radius))
+        inside = ((idx >= 0) & (idx < self.shape)).all(-1)
+        return np.where(inside[..., None], idx, 0), inside
+
+    def blocked(self, centers: np.ndarray, radius: float, own: int) -> np.ndarray:
+        """For each centre (n, 3): does its ball touch a segment other than `own`?"""
+        idx, inside = self._voxels(centers, radius)
+        found = self.labels[idx[..., 0], idx[..., 1], idx[..., 2]]
+        return (inside & (found != 0) & (found != own)).any(-1)
+
+    def paint_tube(self, centers: np.ndarray, radii: np.ndarray, label: int) -> None:
+        """Paint balls of `radii` at `centers` into free voxels; other segments stay untouched."""
+        radii = _quantize(radii)
+        for radius in np.unique(radii):
+            idx, inside = self._voxels(centers[radii == radius], radius)
+            idx = idx[inside]
+            x, y, z = idx[:, 0], idx[:, 1], idx[:, 2]
+            free = self.labels[x, y, z] == 0
+            self.labels[x[free], y[free], z[free]] = label
+
+
+def _densify(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Resample a polyline at `spacing` voxels, so painted balls overlap into a smooth tube."""
+    length = np.r_[0, np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))]
+    s = np.arange(0, length[-1] + 1e-9, spacing)
+    return np.stack([np.interp(s, length, points[:, i]) for i in range(3)], -1)
+
+
+def _walk(canvas: _Canvas, rng: np.random.Generator, own: int, start: np.ndarray,
+          heading: np.ndarray, clearance: float, step: float, max_length: float,
+          persistence: float) -> np.ndarray:
+    """Centerline (n, 3) of a smooth random path that steers around other segments.
+
+    The direction drifts with a persistence length of about `persistence` voxels and is
+    pulled gently back to `heading`, so paths cross the volume the way neurites do. When the
+    ball of radius `clearance` ahead would touch another segment, the least bent of a few wider
+    candidate directions that is free is taken. The walk ends when it leaves the volume, is
+    boxed in, or reaches `max_length`.
+    """
+    pos = np.asarray(start, dtype=float)
+    heading = _unit(np.asarray(heading, dtype=float))
+    direction = heading
+    spread = np.array([np.sqrt(2 * step / persistence), 0.4, 0.4, 0.8, 0.8, 1.2, 1.6, 2.4])[:, None]
+    points = [pos]
+    for _ in range(int(max_length / step)):
+        candidates = _unit(direction + spread * rng.standard_normal((len(spread), 3))
+                           + 0.03 * heading)
+        ahead = pos + step * candidates
+        choice = 0
+        if canvas.blocked(ahead[:1], clearance, own)[0]:
+            free = np.flatnonzero(~canvas.blocked(ahead, clearance, own))
+            if free.size == 0:
+                break
+            choice = free[0]
+        pos, direction = ahead[choice], candidates[choice]
+        points.append(pos)
+        if ((pos < 0) | (pos > canvas.shape - 1)).any():
+            break
+    return np.array(points)
+
+
+def _entry(rng: np.random.Generator, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A random point on a face of the volume (faces chosen by area) and an inward heading."""
+    areas = np.array([shape[1] * shape[2], shape[0] * shape[2], shape[0] * shape[1]], float)
+    axis = rng.choice(3, p=areas / areas.sum())
+    side = rng.integers(2)
+    start = rng.uniform(0.1, 0.9, 3) * (shape - 1)
+    start[axis] = side * (shape[axis] - 1)
+    normal = np.zeros(3)
+    normal[axis] = 1.0 if side == 0 else -1.0
+    return start, _unit(normal + 0.6 * rng.standard_normal(3))
+
+
+def _add_axon(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.ndarray,
+              heading: np.ndarray, radius: float) -> bool:
+    """A thin tube with bouton-like swellings every ~40 voxels; False if it got nowhere."""
+    bouton = 1.5
+    path = _walk(canvas, rng, label, start, heading, clearance=radius + bouton + 1, step=2.0,
+                 max_length=4 * canvas.shape.max(), persistence=300)
+    if len(path) < 20:
+        return False
+    centers = _densify(path, 0.5)
+    s = np.arange(len(centers)) * 0.5
+    boutons = rng.uniform(0, s[-1], size=int(s[-1] / 40))
+    swell = np.exp(-((s[:, None] - boutons[None]) / 2.5) ** 2).sum(1) if boutons.size else 0
+    canvas.paint_tube(centers, radius + bouton * np.minimum(swell, 1), label)
+    return True
+
+
+def _add_spines(canvas: _Canvas, rng: np.random.Generator, label: int, centers: np.ndarray,
+                radii: np.ndarray) -> None:
+    """Spines every ~8 voxels along a dendrite: a thin neck ending in a round head."""
+    spacing = 0.5  # of `centers`
+    step = np.diff(centers, axis=0, append=centers[-1:] + (centers[-1:] - centers[-2:-1]))
+    tangents = _unit(step + 1e-9)
+    positions = np.cumsum(rng.uniform(4, 12, size=int(len(centers) * spacing / 4))) / spacing
+    for i in positions.astype(int):
+        if i >= len(centers):
+            break
+        side = rng.standard_normal(3)
+        side = _unit(side - side @ tangents[i] * tangents[i])
+        neck_length, neck_radius = rng.uniform(3, 9), rng.choice([1.0, 1.5])
+        head_radius = rng.uniform(2.0, 3.5)
+        base = radii[i] - 1
+        neck = centers[i] + side * np.arange(base, base + neck_length, 0.5)[:, None]
+        head = centers[i] + side * (base + neck_length + head_radius - 1)
+        if (canvas.blocked(neck, neck_radius + 1, label).any()
+                or canvas.blocked(head[None], head_radius + 1, label)[0]):
+            continue
+        canvas.paint_tube(neck, np.full(len(neck), neck_radius), label)
+        canvas.paint_tube(head[None], np.array([head_radius]), label)
+
+
+def _add_dendrite(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.ndarray,
+                  heading: np.ndarray, radius: float, branches: int = 1) -> bool:
+    """A spiny tube tapering slowly from `radius`, branching up to `branches` times."""
+    path = _walk(canvas, rng, label, start, heading, clearance=radius + 1, step=3.0,
+                 max_length=3 * canvas.shape.max(), persistence=200)
+    if len(path) < 10:
+        return False
+    centers = _densify(path, 0.5)
+    radii = np.maximum(radius - 0.004 * np.arange(len(centers)) * 0.5, 4.0)
+    canvas.paint_tube(centers, radii, label)
+    if branches and len(centers) > 120 and rng.random() < 0.6:
+        at = rng.integers(len(centers) // 4, len(centers) // 2)
+        tangent = _unit(centers[at + 1] - centers[at - 1])
+        turn = _unit(rng.standard_normal(3))
+        _add_dendrite(canvas, rng, label, centers[at], _unit(tangent + 1.2 * turn),
+                      max(4.0, 0.8 * radii[at]), branches - 1)
+    _add_spines(canvas, rng, label, centers, radii)
+    return True
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _add_soma(canvas: _Canvas, rng: np.random.Generator, label: int, center: np.ndarray,
+              radius: float) -> None:
+    """A randomly oriented ellipsoid with 3-5 spiny dendrites and one axon leaving it."""
+    axes = radius * np.array([1.0, rng.uniform(0.75, 1.0), rng.uniform(0.6, 0.85)])
+    rotation = _random_rotation(rng)
+    form = rotation @ np.diag(1 / axes ** 2) @ rotation.T  # x^T form x <= 1 inside
+    lo = np.maximum(np.floor(center - radius).astype(int), 0)
+    hi = np.minimum(np.ceil(center + radius).astype(int) + 1, canvas.shape)
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    offset = grid - center
+    inside = np.einsum("...i,ij,...j->...", offset, form, offset) <= 1
+    box = canvas.labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    box[inside & (box == 0)] = label
+
+    directions: list[np.ndarray] = []
+    count = rng.integers(3, 6) + 1
+    while len(directions) < count:
+        u = _unit(rng.standard_normal(3))
+        if all(u @ v < 0.5 for v in directions):
+            directions.append(u)
+    for i, u in enumerate(directions):
+        surface = 1 / np.sqrt(u @ form @ u)
+        start = center + u * (surface - 2)
+        if i == 0:
+            _add_axon(canvas, rng, label, start, u, radius=rng.uniform(1.5, 2.0))
+        else:
+            _add_dendrite(canvas, rng, label, start, u, radius=rng.uniform(6.0, 7.5))
+
+
+def _place_somata(canvas: _Canvas, rng: np.random.Generator, count: int) -> None:
+    """Somata inside the volume, apart from each other, each with its neurites."""
+    placed: list[tuple[np.ndarray, float]] = []
+    for _ in range(50 * count):
+        if len(placed) == count:
+            break
+        radius = min(rng.uniform(25, 40), 0.3 * canvas.shape.min())
+        center = rng.uniform(radius + 2, canvas.shape - radius - 3)
+        if all(np.linalg.norm(center - c) > radius + r + 4 for c, r in placed):
+            placed.append((center, radius))
+    for center, radius in placed:
+        _add_soma(canvas, rng, canvas.new_segment("soma"), center, radius)
+
+
+def _add_glia(canvas: _Canvas, rng: np.random.Generator, count: int, fill: float = 0.8) -> None:
+    """Irregular glia filling most of the free space, one territory per glia cell.
+
+    Territories are Voronoi cells of random seeds in smoothly warped coordinates (so borders
+    between glia are curved), computed at half resolution. Inside its territory a glia cell
+    takes the free voxels where a smooth noise field is high, about `fill` of them; the rest
+    stays extracellular space.
+    """
+    shape = canvas.shape
+    half = (shape + 1) // 2
+    coarse = half // 8 + 2
+    warp = [ndi.zoom(ndi.gaussian_filter(rng.standard_normal(coarse), 1.0), 8, order=1)
+            [:half[0], :half[1], :half[2]] for _ in range(3)]
+    grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in half], indexing="ij", sparse=True)
+    warped = [g + 12.0 * w / w.std() for g, w in zip(grid, warp)]
+    seeds = rng.uniform(0, half, size=(count, 3))
+    nearest = np.full(tuple(half), np.inf, dtype=np.float32)
+    territory = np.zeros(tuple(half), dtype=np.uint32)
+    for k, seed in enumerate(seeds):
+        d = sum((w - s) ** 2 for w, s in zip(warped, seed))
+        closer = d < nearest
+        nearest[closer] = d[closer]
+        territory[closer] = k
+    territory = territory.repeat(2, 0).repeat(2, 1).repeat(2, 2)[:shape[0], :shape[1], :shape[2]]
+
+    field = ndi.gaussian_filter(rng.standard_normal(tuple(shape), dtype=np.float32), 2.5)
+    occupied = field > np.quantile(field[::4, ::4, ::4], 1 - fill)
+    glia = np.array([canvas.new_segment("glia") for _ in range(count)], dtype=np.uint32)
+    free = canvas.labels == 0
+    canvas.labels[free & occupied] = glia[territory[free & occupied]]
+
+
+def _keep_largest_pieces(labels: np.ndarray, min_voxels: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each segment down to its largest 6-connected piece, if it has `min_voxels`.
+
+    Returns the pieces (uint32 [x, y, z], one label per connected piece) and two arrays
+    indexed by piece label: the segment label that each kept piece belongs to (0 for a
+    dropped piece) and its voxel count.
+    """
+    pieces, n = cc3d.connected_components(labels, connectivity=6, return_N=True)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    owner = np.zeros(n + 1, dtype=labels.dtype)
+    owner[pieces.ravel()] = labels.ravel()
+    order = np.lexsort((sizes, owner))
+    largest = order[np.r_[owner[order][1:] != owner[order][:-1], True]]
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[largest] = True
+    keep &= sizes >= min_voxels
+    return pieces, np.where(keep, owner, 0), sizes
+
+
+def _counts(shape: Sequence[int]) -> dict[str, int]:
+    """How many segments of each class to start from: the default mix scaled to the volume."""
+    scale = np.prod(shape) / np.prod(DEFAULT_SHAPE)
+    return {"soma": max(1, round(2 * scale)), "dendrite": max(2, round(14 * scale)),
+            "axon": max(6, round(55 * scale)), "glia": max(3, round(16 * scale))}
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3 or min(shape) < MIN_SHAPE:
+        raise ValueError(f"synthetic dataset shape must be three integers >= {MIN_SHAPE} "
+                         f"(x, y, z voxels), got {shape!r}")
+    return shape
+
+
+def make_labels(shape: Sequence[int], seed: int) -> tuple[np.ndarray, dict[int, str]]:
+    """A dense segmentation, uint64 [x, y, z], and the class of each segment id.
+
+    Neurons come first, largest first (somata with their neurites, dendrites, axons), each
+    steering around what is already there; glia then fill most of the rest. Each segment is
+    cut down to its largest 6-connected piece and gets a random nonzero 64-bit id.
+    """
+    labels, classes, _ = _generate(shape, seed)
+    return labels, classes
+
+
+def _generate(shape: Sequence[int], seed: int
+              ) -> tuple[np.ndarray, dict[int, str], dict[int, int]]:
+    """`make_labels`, plus the voxel count of each segment."""
+    shape = _check_shape(shape)
+    rng = np.random.default_rng((seed, _GEOMETRY))
+    canvas = _Canvas(shape)
+    counts = _counts(shape)
+    _place_somata(canvas, rng, counts["soma"])
+    for kind, add in (("dendrite", _add_dendrite), ("axon", _add_axon)):
+        made = attempts = 0
+        while made < counts[kind] and attempts < 4 * counts[kind]:
+            attempts += 1
+            label = canvas.new_segment(kind)
+            start, heading = _entry(rng, canvas.shape)
+            radius = rng.uniform(5.0, 7.0) if kind == "dendrite" else rng.uniform(2.0, 3.0)
+            if not canvas.blocked(start[None], radius + 1, label)[0]:
+                made += add(canvas, rng, label, start, heading, radius=radius)
+    _add_glia(canvas, rng, counts["glia"])
+
+    pieces, owner, sizes = _keep_largest_pieces(canvas.labels, MIN_SEGMENT_VOXELS)
+    kept = np.flatnonzero(owner)
+    ids = _random_ids(np.random.default_rng((seed, _IDS)), len(kept))
+    id_of_piece = np.zeros(len(owner), dtype=np.uint64)
+    id_of_piece[kept] = ids
+    classes = {int(i): canvas.kinds[owner[p]] for i, p in zip(ids, kept)}
+    voxels = {int(i): int(sizes[p]) for i, p in zip(ids, kept)}
+    return id_of_piece[pieces], classes, voxels
+
+
+def _random_ids(rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` distinct nonzero uint64 ids spread over the whole 64-bit range."""
+    while True:
+        ids = rng.integers(1, 2 ** 64, size=n, dtype=np.uint64, endpoint=False)
+        if len(np.unique(ids)) == n:
+            return ids
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """Voxels with a 6-neighbour of a different label: where membranes are."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    for axis in range(3):
+        a = [slice(None)] * 3
+        b = [slice(None)] * 3
+        a[axis], b[axis] = slice(1, None), slice(None, -1)
+        differs = labels[tuple(a)] != labels[tuple(b)]
+        edge[tuple(a)] |= differs
+        edge[tuple(b)] |= differs
+    return edge
+
+
+def make_em(labels: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 EM [x, y, z] for a segmentation: dark membranes, textured cytoplasm, noise.
+
+    Cytoplasm grey varies a little per segment (a hash of its id), extracellular space is
+    lighter, membranes at segment boundaries are dark, and organelle-like dark blobs sit
+    inside segments. A light blur and per-voxel noise give it the look of a real EM section.
+    """
+    rng = np.random.default_rng((seed, _EM))
+    hashed = (labels * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(58)  # 0..63 per segment
+    em = np.where(labels == 0, np.float32(205), 135 + hashed.astype(np.float32) * 0.6)
+    em -= 85 * boundaries(labels)
+
+    # Organelles: dark balls of radius 2-4, clipped to the segment they sit in.
+    count = labels.size // 6000
+    centers = (rng.random((count, 3)) * labels.shape).astype(np.int64)
+    radii = rng.choice([2.0, 3.0, 4.0], size=count)
+    for radius in np.unique(radii):
+        at = centers[radii == radius]
+        idx = at[:, None, :] + _ball(radius)
+        idx = np.clip(idx, 0, np.array(labels.shape) - 1)
+        owner = labels[at[:, 0], at[:, 1], at[:, 2]]
+        inside = (labels[idx[..., 0], idx[..., 1], idx[..., 2]] == owner[:, None]) & (owner[:, None] != 0)
+        idx = idx[inside]
+        em[idx[:, 0], idx[:, 1], idx[:, 2]] -= 55
+
+    em += 14 * rng.standard_normal(labels.shape, dtype=np.float32)
+    em = ndi.gaussian_filter(em, 0.8)
+    em += 6 * rng.standard_normal(labels.shape, dtype=np.float32)
+    return np.clip(np.rint(em), 0, 255).astype(np.uint8)
+
+
+def _write_volume(path: Path, array: np.ndarray, kind: str, encoding: str) -> ts.Future:
+    """Start writing `array` [x, y, z] as a single-scale neuroglancer precomputed volume."""
+    scale = {"size": list(array.shape), "resolution": list(RESOLUTION), "encoding": encoding,
+             "chunk_size": list(CHUNK_SIZE), "voxel_offset": [0, 0, 0]}
+    if encoding == "jpeg":
+        scale["jpeg_quality"] = 90
+    if encoding == "compressed_segmentation":
+        scale["compressed_segmentation_block_size"] = [8, 8, 8]
+    store = ts.open({
+        "driver": "neuroglancer_precomputed",
+        "kvstore": f"file://{path.resolve()}/",
+        "multiscale_metadata": {"type": kind, "data_type": str(array.dtype), "num_channels": 1},
+        "scale_metadata": scale,
+    }, create=True).result()
+    return store[..., 0].write(array)
+
+
+def _bytes_on_disk(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether `out` may be replaced: absent, empty, or holding only a synthetic dataset."""
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
+    return {p.name for p in out.iterdir()} <= {"em", "segmentation", CLASSES_FILE}
+
+
+def write_dataset(out_dir: str | os.PathLike, shape: Sequence[int] | None = None, seed: int = 0,
+                  em_encoding: str = "jpeg") -> Dataset:
+    """Generate the dataset for `seed` and write it to `out_dir`, replacing an earlier one.
+
+    Everything is written into a temporary sibling directory that is renamed to `out_dir` at
+    the end, classes.json last, so a dataset that is there is complete.
+    """
+    shape = _check_shape(DEFAULT_SHAPE if shape is None else shape)
+    if em_encoding not in EM_ENCODINGS:
+        raise ValueError(f"em_encoding must be one of {EM_ENCODINGS}, got {em_encoding!r}")
+    out = Path(out_dir).absolute()
+    if not _replaceable(out):
+        raise FileExistsError(f"{out} exists and holds more than a synthetic dataset; "
+                              "choose another output directory")
+    labels, classes, voxels = _generate(shape, seed)
+    em = make_em(labels, seed)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        writes = [_write_volume(tmp / "em", em, "image", em_encoding),
+                  _write_volume(tmp / "segmentation", labels, "segmentation",
+                                "compressed_segmentation")]
+        for write in writes:
+            write.result()
+        meta = {"shape": list(shape), "seed": seed, "resolution": list(RESOLUTION),
+                "classes": {str(i): c for i, c in sorted(classes.items())},
+                "voxels": {str(i): voxels[i] for i in sorted(classes)}}
+        (tmp / CLASSES_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+            out.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return load_dataset(out)
+
+
+def load_dataset(out_dir: str | os.PathLike) -> Dataset:
+    """The dataset written by `write_dataset` at `out_dir`."""
+    root = Path(out_dir).absolute()
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no synthetic dataset at {root}: {CLASSES_FILE} is missing")
+    meta = json.loads(path.read_text())
+    return Dataset(root=str(root), em=str(root / "em"), segmentation=str(root / "segmentation"),
+                   classes={int(k): v for k, v in meta["classes"].items()},
+                   shape=tuple(meta["shape"]), seed=int(meta["seed"]))
+
+
+def summarize(dataset: Dataset) -> str:
+    """Segments and voxels per class, foreground fraction and bytes on disk, as text."""
+    meta = json.loads((Path(dataset.root) / CLASSES_FILE).read_text())
+    voxels = {int(k): v for k, v in meta["voxels"].items()}
+    total = int(np.prod(dataset.shape))
+    lines = [f"synthetic dataset {dataset.root}",
+             f"  {' x '.join(map(str, dataset.shape))} voxels at "
+             f"{' x '.join(f'{r:g}' for r in RESOLUTION)} nm, seed {dataset.seed}",
+             f"  {'class':<10}{'segments':>10}{'voxels':>14}"]
+    for kind in CLASSES:
+        members = [i for i, c in dataset.classes.items() if c == kind]
+        lines.append(f"  {kind:<10}{len(members):>10}{sum(voxels[i] for i in members):>14,}")
+    foreground = sum(voxels.values()) / total
+    lines.append(f"  foreground fraction {foreground:.3f}")
+    for name in ("em", "segmentation"):
+        path = Path(getattr(dataset, name))
+        info = json.loads((path / "info").read_text())
+        lines.append(f"  {name}: {_bytes_on_disk(path) / 1e6:.1f} MB on disk "
+                     f"({info['scales'][0]['encoding']})")
+    return "\n".join(lines)

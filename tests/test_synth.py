@@ -1,0 +1,162 @@
+"""The synthetic dataset: morphology, ids, EM, determinism, and what lands on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cc3d
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from segclr_beam import cli, synth
+from segclr_beam.volume import open_volumes
+
+SHAPE = (160, 160, 96)
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def generated() -> tuple[np.ndarray, dict[int, str], np.ndarray]:
+    labels, classes = synth.make_labels(SHAPE, SEED)
+    return labels, classes, synth.make_em(labels, SEED)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> synth.Dataset:
+    return synth.write_dataset(tmp_path_factory.mktemp("synth") / "data", shape=SHAPE, seed=SEED)
+
+
+def test_every_class_present(generated):
+    labels, classes, _ = generated
+    assert set(classes.values()) == set(synth.CLASSES)
+    assert labels.shape == SHAPE
+
+
+def test_ids_are_unique_nonzero_64_bit(generated):
+    labels, classes, _ = generated
+    assert labels.dtype == np.uint64
+    present = set(np.unique(labels).tolist()) - {0}
+    assert present == set(classes)
+    assert 0 not in classes
+    assert max(classes) > 2 ** 63 and min(classes) < 2 ** 63  # spread over the whole range
+
+
+def test_dense_foreground(generated):
+    labels, _, _ = generated
+    assert (labels != 0).mean() > 0.5
+
+
+def test_each_segment_is_one_large_connected_component(generated):
+    labels, classes, _ = generated
+    pieces, n = cc3d.connected_components(labels, connectivity=6, return_N=True)
+    assert n == len(classes)
+    sizes = np.bincount(pieces.ravel())[1:]
+    assert sizes.min() >= synth.MIN_SEGMENT_VOXELS
+
+
+def test_classes_differ_in_thickness(generated):
+    """Largest inscribed radius per segment: axons thin, dendrites thicker, somata large."""
+    labels, classes, _ = generated
+    depth = ndi.distance_transform_edt(~synth.boundaries(labels))
+    ids = np.array(sorted(classes), dtype=np.uint64)
+    radius = dict(zip(ids.tolist(), ndi.maximum(depth, labels, ids)))
+    by_class = {c: [radius[i] for i in classes if classes[i] == c] for c in synth.CLASSES}
+    assert np.median(by_class["axon"]) <= 4
+    assert 4 <= np.median(by_class["dendrite"]) <= 8
+    assert min(by_class["soma"]) >= 15
+
+
+def test_em_is_darker_on_membranes(generated):
+    labels, _, em = generated
+    assert em.dtype == np.uint8 and em.shape == labels.shape
+    membrane = synth.boundaries(labels) & (labels != 0)
+    interior = ~synth.boundaries(labels) & (labels != 0)
+    assert em[membrane].mean() < em[interior].mean() - 20
+    assert em.std() > 10  # texture and noise, not flat regions
+
+
+def test_deterministic_for_a_seed(generated):
+    labels, classes, em = generated
+    again, again_classes = synth.make_labels(SHAPE, SEED)
+    np.testing.assert_array_equal(labels, again)
+    assert classes == again_classes
+    np.testing.assert_array_equal(em, synth.make_em(again, SEED))
+    other, _ = synth.make_labels(SHAPE, SEED + 1)
+    assert not np.array_equal(labels != 0, other != 0)
+
+
+def test_round_trip_through_volume_reader(generated, written):
+    labels, classes, em = generated
+    assert written.classes == classes and written.shape == SHAPE and written.seed == SEED
+    em_volume, segmentation = open_volumes(written.em, written.segmentation)
+    assert segmentation.bounds.shape == SHAPE and em_volume.bounds.shape == SHAPE
+    np.testing.assert_array_equal(segmentation.read(segmentation.bounds), labels)
+    stored = em_volume.read(em_volume.bounds).astype(np.int16)
+    assert np.abs(stored - em).mean() < 4  # jpeg is lossy
+
+
+def test_raw_em_is_exact(generated, tmp_path):
+    _, _, em = generated
+    dataset = synth.write_dataset(tmp_path / "raw", shape=SHAPE, seed=SEED, em_encoding="raw")
+    em_volume, _ = open_volumes(dataset.em, dataset.segmentation)
+    np.testing.assert_array_equal(em_volume.read(em_volume.bounds), em)
+
+
+def test_files_on_disk(written):
+    root = Path(written.root)
+    meta = json.loads((root / synth.CLASSES_FILE).read_text())
+    assert all(k == str(int(k)) for k in meta["classes"])  # decimal strings keep 64 bits
+    assert {int(k): v for k, v in meta["classes"].items()} == written.classes
+    for name, encoding in (("em", "jpeg"), ("segmentation", "compressed_segmentation")):
+        scale = json.loads((root / name / "info").read_text())["scales"][0]
+        assert scale["encoding"] == encoding
+        assert scale["chunk_sizes"] == [list(synth.CHUNK_SIZE)]
+        assert scale["resolution"] == list(synth.RESOLUTION)
+        assert scale["voxel_offset"] == [0, 0, 0]
+    assert synth.load_dataset(root) == written
+
+
+def test_rewrite_is_byte_identical_and_leaves_nothing_behind(written):
+    root = Path(written.root)
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    synth.write_dataset(root, shape=SHAPE, seed=SEED)
+    after = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert before == after
+    assert [p.name for p in root.parent.iterdir()] == [root.name]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="shape"):
+        synth.write_dataset(tmp_path / "a", shape=(160, 160, 8))
+    with pytest.raises(ValueError, match="em_encoding"):
+        synth.write_dataset(tmp_path / "a", shape=SHAPE, em_encoding="png")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="precious"):
+        synth.write_dataset(precious, shape=SHAPE)
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    with pytest.raises(FileNotFoundError, match="classes.json"):
+        synth.load_dataset(precious)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_summary(written):
+    text = synth.summarize(written)
+    for word in (*synth.CLASSES, "foreground fraction", "MB on disk", "jpeg",
+                 "compressed_segmentation"):
+        assert word in text
+
+
+def test_cli(tmp_path, capsys):
+    cli.main(["synth", "--out", str(tmp_path / "cli"), "--shape", "96,96,64", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "foreground fraction" in out
+    assert synth.load_dataset(tmp_path / "cli").shape == (96, 96, 64)
+
+
+def test_conftest_dataset(synthetic_dataset):
+    assert set(synthetic_dataset.classes.values()) == set(synth.CLASSES)
+    assert Path(synthetic_dataset.em, "info").is_file()
