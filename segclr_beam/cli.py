@@ -20,6 +20,25 @@ def _synth(args: argparse.Namespace) -> None:
     print(synth.summarize(dataset))
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _export_model(args: argparse.Namespace) -> None:
+    import json
+
+    from segclr_beam import model
+
+    sizes = {"widths": args.widths, "input_size": args.input_size,
+             "bottleneck_width": args.bottleneck_width, "embedding_dim": args.embedding_dim}
+    arch = model.Architecture(**{k: v for k, v in sizes.items() if v is not None})
+    identity = model.export_saved_model(args.out, arch, checkpoint=args.checkpoint, seed=args.seed)
+    print(json.dumps(identity, indent=2, sort_keys=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segclr-beam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=_triple, default=None, help="X,Y,Z voxels")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_synth)
+
+    p = commands.add_parser(
+        "export-model", help="write the SegCLR network as a SavedModel (uint8 cutouts in, "
+        "embeddings out); sizes default to the published model")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint prefix (TF1 or tf2resaved layout); without it the weights "
+                        "are random")
+    p.add_argument("--out", required=True, help="new SavedModel directory (local or gs://)")
+    p.add_argument("--widths", type=_widths, default=None, help="stage widths, e.g. 64,128,256,512")
+    p.add_argument("--input-size", type=int, default=None, help="cutout edge in voxels")
+    p.add_argument("--bottleneck-width", type=int, default=None)
+    p.add_argument("--embedding-dim", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(run=_export_model)
     return parser
 
 
