@@ -1,0 +1,287 @@
+"""Masked EM cutouts around sample points, cut from one shared read per spatial block.
+
+Each point needs a window of EM (default 129^3 voxels, the point at index size // 2) in which
+voxels of other segments are zero. Windows of nearby points overlap almost entirely, so points
+are grouped by spatial block and EM + segmentation are read once for the group (the box
+spanned by its windows, at most the block grown by half a window). The uint64 segmentation
+is relabelled to small local ids once per read; every mask is then a compare on those ids.
+A group whose points are few and far apart is cheaper as separate window reads; the choice
+is made per group from the number of storage chunks each way decodes.
+
+Only points cross the group-by-block shuffle. Cutouts are produced lazily, one at a time,
+and are meant to be consumed in the same fused stage by the model: at any moment one read
+(block or windows) and one cutout are alive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Callable, Iterable, Iterator, Sequence
+
+import apache_beam as beam
+import fastremap
+import numpy as np
+
+from segclr_beam.points import Point
+from segclr_beam.volume import Box, Volume
+
+DEFAULT_BLOCK_SIZE = 256
+DEFAULT_CUTOUT_SIZE = 129
+DEFAULT_MAX_POINTS_PER_GROUP = 4096
+
+Cutout = tuple[Point, np.ndarray]
+
+
+class PointOutsideError(ValueError):
+    """A point lies outside both the EM and the segmentation volume."""
+
+
+@dataclasses.dataclass
+class CutoutStats:
+    """What the reads cost and what came out; the Beam stage reports these as counters.
+
+    bytes_decoded: voxels materialised from storage (inside the volume bounds; the zeros
+    standing for voxels outside are not counted) times the bytes per voxel of each volume,
+    summed over the EM and segmentation reads.
+    """
+
+    blocks_read: int = 0
+    windows_read: int = 0
+    bytes_decoded: int = 0
+    cutouts: int = 0
+    segment_absent: int = 0
+
+
+def block_of(point: Point, block_size: int) -> tuple[int, int, int]:
+    """Index (x, y, z) of the spatial block of edge `block_size` voxels holding `point`."""
+    return (point.x // block_size, point.y // block_size, point.z // block_size)
+
+
+def window_of(point: Point, cutout_size: int) -> Box:
+    """The cutout window of `point`: `cutout_size` voxels per axis, the point at size // 2."""
+    return Box.around((point.x, point.y, point.z), cutout_size)
+
+
+def windows_box(points: Sequence[Point], cutout_size: int) -> Box:
+    """The smallest box holding the windows of all `points`."""
+    xyz = np.array([(p.x, p.y, p.z) for p in points], dtype=np.int64)
+    half = cutout_size // 2
+    return Box(tuple(xyz.min(axis=0) - half), tuple(xyz.max(axis=0) - half + cutout_size))
+
+
+def check_point(point: Point, em_bounds: Box, segmentation_bounds: Box) -> None:
+    """Raise PointOutsideError if `point` lies outside both volumes.
+
+    Such a point means the points and the volumes disagree (another resolution, offset or
+    dataset); skipping it would yield an output that looks complete but is not.
+    """
+    xyz = (point.x, point.y, point.z)
+    if not em_bounds.contains(xyz) and not segmentation_bounds.contains(xyz):
+        raise PointOutsideError(
+            f"point (segment {point.segment_id}, node {point.node_id}) at voxel {xyz} lies "
+            f"outside both the EM {em_bounds} and the segmentation {segmentation_bounds}")
+
+
+def check_cutout_size(cutout_size: int) -> None:
+    if int(cutout_size) != cutout_size or cutout_size < 1 or cutout_size % 2 == 0:
+        raise ValueError(f"cutout_size: must be a positive odd number of voxels, got {cutout_size}")
+
+
+def cut_block(points: Iterable[Point], box: Box, em: np.ndarray, segmentation: np.ndarray,
+              cutout_size: int = DEFAULT_CUTOUT_SIZE,
+              stats: CutoutStats | None = None) -> Iterator[Cutout]:
+    """Masked cutouts of `points` from EM and segmentation arrays covering `box`.
+
+    `em` (uint8) and `segmentation` (integer ids) are indexed [x, y, z] as Volume.read
+    returns them. Each cutout is a fresh uint8 array (size, size, size) in (z, y, x) order:
+    EM where the segmentation equals the point's segment, zero elsewhere and wherever the
+    window leaves `box`; so `box` needs to cover only the part of the windows inside the
+    segmentation. A point whose segment does not occur in its window (or is 0, background)
+    gets an all-zero cutout and is counted in `stats.segment_absent`.
+    """
+    stats = stats if stats is not None else CutoutStats()
+    if em.shape != box.shape or segmentation.shape != box.shape:
+        raise ValueError(f"arrays of shape {em.shape} (EM) and {segmentation.shape} "
+                         f"(segmentation) do not match box {box} of shape {box.shape}")
+    # Relabel once to the smallest id type, and lay both arrays out (z, y, x) C-contiguous,
+    # so that each window is a view whose masked copy is already in the model's axis order.
+    # Arrays read in Fortran order make the layout change free.
+    local, labels = fastremap.renumber(segmentation.T, preserve_zero=True)
+    del segmentation
+    local = np.ascontiguousarray(local)
+    em = np.ascontiguousarray(em.T)
+    shape = (cutout_size,) * 3
+    match = np.empty(shape, dtype=bool)
+    for point in points:
+        window = window_of(point, cutout_size)
+        inside = window.intersect(box)
+        cutout = np.zeros(shape, dtype=np.uint8)
+        label = labels.get(point.segment_id) if point.segment_id != 0 else None
+        present = False
+        if label is not None and not inside.is_empty():
+            source = inside.slices(box.start)[::-1]
+            target = inside.slices(window.start)[::-1]
+            mask = match[target]
+            np.equal(local[source], local.dtype.type(label), out=mask)
+            np.multiply(em[source], mask, out=cutout[target])
+            present = bool(mask.any())
+        stats.cutouts += 1
+        stats.segment_absent += not present
+        yield point, cutout
+
+
+def _chunk_bytes(box: Box, volume: Volume, chunk: Sequence[int], origin: Sequence[int]) -> int:
+    """Bytes of the storage chunks of `volume` that reading `box` decodes."""
+    inside = box.intersect(volume.bounds)
+    if inside.is_empty():
+        return 0
+    count = 1
+    for a, b, c, o in zip(inside.start, inside.stop, chunk, origin):
+        count *= -((o - b) // c) - (a - o) // c
+    return count * int(np.prod(chunk)) * volume.dtype.itemsize
+
+
+class CutoutReader:
+    """Reads EM and segmentation for groups of points and yields their masked cutouts.
+
+    `stats` accumulates over all groups read.
+    """
+
+    def __init__(self, em: Volume, segmentation: Volume,
+                 cutout_size: int = DEFAULT_CUTOUT_SIZE):
+        check_cutout_size(cutout_size)
+        self.em = em
+        self.segmentation = segmentation
+        self.cutout_size = cutout_size
+        self.stats = CutoutStats()
+        self._grids: list[tuple[Volume, tuple, tuple]] | None = None
+
+    def cutouts(self, points: Iterable[Point]) -> Iterator[Cutout]:
+        """Masked cutouts of a group of points, from one shared read or one read per window.
+
+        Raises PointOutsideError, before reading anything, for a point outside both volumes.
+        """
+        points = sorted(points)
+        for point in points:
+            check_point(point, self.em.bounds, self.segmentation.bounds)
+        if not points:
+            return
+        # Voxels outside the segmentation are masked anyway: they are never read.
+        bounds = self.segmentation.bounds
+        box = windows_box(points, self.cutout_size).intersect(bounds)
+        windows = [window_of(p, self.cutout_size).intersect(bounds) for p in points]
+        if self.decoded_bytes([box]) <= self.decoded_bytes(windows):
+            self.stats.blocks_read += not box.is_empty()
+            # No local names for the arrays: cut_block drops the uint64 ids once relabelled.
+            yield from cut_block(points, box, *self._read_async(box)(), self.cutout_size,
+                                 self.stats)
+            return
+        # Few points far apart: all window reads go out at once (together they decode fewer
+        # bytes than the shared read would) and each is released once cut.
+        pending = [self._read_async(w) for w in windows]
+        self.stats.windows_read += sum(not w.is_empty() for w in windows)
+        for point, window in zip(points, windows):
+            yield from cut_block([point], window, *pending.pop(0)(), self.cutout_size,
+                                 self.stats)
+
+    def decoded_bytes(self, boxes: Iterable[Box]) -> int:
+        """Bytes of storage chunks that reading `boxes` from both volumes decodes (no cache)."""
+        if self._grids is None:
+            self._grids = [(v, tuple(v.store.chunk_layout.read_chunk.shape),
+                            tuple(v.store.chunk_layout.grid_origin))
+                           for v in (self.em, self.segmentation)]
+        return sum(_chunk_bytes(box, v, chunk, origin)
+                   for box in boxes for v, chunk, origin in self._grids)
+
+    def _read_async(self, box: Box) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """Start reading EM and segmentation of `box` concurrently; call the result to wait."""
+        if box.is_empty():
+            return lambda: (np.zeros(box.shape, np.uint8), np.zeros(box.shape, np.uint8))
+        self.stats.bytes_decoded += sum(box.intersect(v.bounds).size * v.dtype.itemsize
+                                        for v in (self.em, self.segmentation))
+        em, segmentation = self.em.read_async(box), self.segmentation.read_async(box)
+        return lambda: (em.result(), segmentation.result())
+
+
+def group_key(point: Point, block_size: int, groups: int = 1) -> tuple[int, int, int, int]:
+    """(block x, y, z, sub-group): a block's points spread over `groups` groups by a hash."""
+    sub = zlib.crc32(f"{point.segment_id}:{point.node_id}".encode()) % groups if groups > 1 else 0
+    return (*block_of(point, block_size), sub)
+
+
+class _KeyByGroupFn(beam.DoFn):
+    """Checks each point and keys it by (block, sub-group); dense blocks get several groups."""
+
+    def __init__(self, em_bounds: Box, segmentation_bounds: Box, block_size: int,
+                 max_points_per_group: int):
+        self._bounds = (em_bounds, segmentation_bounds)
+        self._block_size = block_size
+        self._max = max_points_per_group
+
+    def process(self, point: Point, dense: dict):
+        check_point(point, *self._bounds)
+        count = dense.get(block_of(point, self._block_size), 0)
+        yield group_key(point, self._block_size, -(-count // self._max)), point
+
+
+class _CutFn(beam.DoFn):
+    """Reads one group's EM and segmentation and yields (point, cutout) one at a time."""
+
+    _COUNTERS = {"blocks_read": "blocks_read", "windows_read": "windows_read",
+                 "bytes_decoded": "bytes_decoded", "cutouts": "cutouts_emitted",
+                 "segment_absent": "cutouts_segment_absent"}
+
+    def __init__(self, em: Volume, segmentation: Volume, cutout_size: int):
+        self._em, self._segmentation, self._cutout_size = em, segmentation, cutout_size
+
+    def setup(self):
+        self._reader = CutoutReader(self._em, self._segmentation, self._cutout_size)
+        self._counters = {field: beam.metrics.Metrics.counter("segclr", name)
+                          for field, name in self._COUNTERS.items()}
+
+    def process(self, element):
+        _, points = element
+        before = dataclasses.replace(self._reader.stats)
+        yield from self._reader.cutouts(points)
+        for field, counter in self._counters.items():
+            counter.inc(getattr(self._reader.stats, field) - getattr(before, field))
+
+
+class MakeCutouts(beam.PTransform):
+    """PCollection[Point] -> PCollection[(Point, uint8 cutout (z, y, x))], one per point.
+
+    Points are keyed by spatial block and grouped, so each block's EM and segmentation are
+    read once for all its points. A block with more than `max_points_per_group` points
+    (counted in a light pre-pass) is spread over several groups by a hash of (segment,
+    node), so no worker holds or works through an unbounded group. Only points are
+    shuffled; compose with the model directly (no shuffle after this transform), so each
+    cutout is consumed in the stage that made it. A point outside both volumes fails the
+    stage with PointOutsideError naming it.
+    """
+
+    def __init__(self, em: Volume, segmentation: Volume, block_size: int = DEFAULT_BLOCK_SIZE,
+                 cutout_size: int = DEFAULT_CUTOUT_SIZE,
+                 max_points_per_group: int = DEFAULT_MAX_POINTS_PER_GROUP):
+        super().__init__()
+        check_cutout_size(cutout_size)
+        for name, value in (("block_size", block_size),
+                            ("max_points_per_group", max_points_per_group)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value}")
+        self._em, self._segmentation = em, segmentation
+        self._block_size, self._cutout_size = block_size, cutout_size
+        self._max = max_points_per_group
+
+    def expand(self, points):
+        block_size, limit = self._block_size, self._max
+        dense = (points
+                 | "BlockOf" >> beam.Map(lambda p: (block_of(p, block_size), 1))
+                 | "CountPerBlock" >> beam.CombinePerKey(sum)
+                 | "DenseBlocks" >> beam.Filter(lambda block_count: block_count[1] > limit))
+        return (points
+                | "KeyByGroup" >> beam.ParDo(
+                    _KeyByGroupFn(self._em.bounds, self._segmentation.bounds, block_size, limit),
+                    dense=beam.pvalue.AsDict(dense))
+                | "GroupByBlock" >> beam.GroupByKey()
+                | "Cut" >> beam.ParDo(_CutFn(self._em, self._segmentation, self._cutout_size)))
