@@ -15,6 +15,7 @@ setup(
     install_requires=[
         "apache-beam[gcp]==2.77.*",
         "fastavro>=1.9",
+        "fastremap>=1.14",
         "google-cloud-storage>=2.14",
         "kimimaro>=5.0",
         "numpy>=1.26",
