@@ -22,6 +22,7 @@ from typing import Sequence
 import cc3d
 import numpy as np
 import scipy.ndimage as ndi
+from scipy.special import ndtri
 import tensorstore as ts
 
 DEFAULT_SHAPE = (384, 384, 256)
@@ -34,6 +35,8 @@ MIN_SEGMENT_VOXELS = 1000
 CLASSES_FILE = "classes.json"
 EM_ENCODINGS = ("jpeg", "raw")
 
+# Distance in voxels between the centres of the balls that paint a tube.
+_SPACING = 0.5
 # Independent random streams, so that e.g. a change in the EM model leaves the labels alone.
 _GEOMETRY, _IDS, _EM = 1, 2, 3
 
@@ -73,39 +76,54 @@ class _Canvas:
     def __init__(self, shape: tuple[int, int, int]):
         self.shape = np.array(shape)
         self.labels = np.zeros(shape, dtype=np.uint32)
+        self.strides = np.array([shape[1] * shape[2], shape[2], 1])
         self.kinds = [""]
 
     def new_segment(self, kind: str) -> int:
         self.kinds.append(kind)
         return len(self.kinds) - 1
 
-    def _voxels(self, centers: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-        """Voxel indices (..., m, 3) of balls at `centers`, clipped into the volume, and a mask."""
-        idx = np.rint(centers).astype(np.int64)[..., None, :] + _ball(float(radius))
-        inside = ((idx >= 0) & (idx < self.shape)).all(-1)
-        return np.where(inside[..., None], idx, 0), inside
+    def long_enough(self, path: np.ndarray) -> bool:
+        """Whether a neurite path is worth painting: 80 voxels, or half the volume if smaller."""
+        length = np.linalg.norm(np.diff(path, axis=0), axis=1).sum()
+        return length >= min(80.0, self.shape.min() / 2)
+
+    def _balls(self, centers: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """Flat voxel indices (n, m) of balls at `centers` (n, 3), and which lie in the volume.
+
+        The mask is None when every ball lies inside, the common case, which skips the
+        per-voxel bounds check.
+        """
+        ball = _ball(float(radius))
+        at = np.rint(centers).astype(np.int64)
+        reach = int(np.ceil(radius))
+        if ((at >= reach) & (at < self.shape - reach)).all():
+            return (at @ self.strides)[:, None] + ball @ self.strides, None
+        voxels = at[:, None, :] + ball
+        inside = ((voxels >= 0) & (voxels < self.shape)).all(-1)
+        return np.where(inside, voxels @ self.strides, 0), inside
 
     def blocked(self, centers: np.ndarray, radius: float, own: int) -> np.ndarray:
         """For each centre (n, 3): does its ball touch a segment other than `own`?"""
-        idx, inside = self._voxels(centers, radius)
-        found = self.labels[idx[..., 0], idx[..., 1], idx[..., 2]]
-        return (inside & (found != 0) & (found != own)).any(-1)
+        flat, inside = self._balls(centers, radius)
+        found = self.labels.reshape(-1)[flat]
+        hit = (found != 0) & (found != own)
+        return (hit if inside is None else hit & inside).any(-1)
 
     def paint_tube(self, centers: np.ndarray, radii: np.ndarray, label: int) -> None:
         """Paint balls of `radii` at `centers` into free voxels; other segments stay untouched."""
         radii = _quantize(radii)
+        labels = self.labels.reshape(-1)
         for radius in np.unique(radii):
-            idx, inside = self._voxels(centers[radii == radius], radius)
-            idx = idx[inside]
-            x, y, z = idx[:, 0], idx[:, 1], idx[:, 2]
-            free = self.labels[x, y, z] == 0
-            self.labels[x[free], y[free], z[free]] = label
+            flat, inside = self._balls(centers[radii == radius], radius)
+            flat = flat.reshape(-1) if inside is None else flat[inside]
+            labels[flat[labels[flat] == 0]] = label
 
 
-def _densify(points: np.ndarray, spacing: float) -> np.ndarray:
-    """Resample a polyline at `spacing` voxels, so painted balls overlap into a smooth tube."""
+def _densify(points: np.ndarray) -> np.ndarray:
+    """Resample a polyline every _SPACING voxels, so painted balls overlap into a smooth tube."""
     length = np.r_[0, np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))]
-    s = np.arange(0, length[-1] + 1e-9, spacing)
+    s = np.arange(0, length[-1] + 1e-9, _SPACING)
     return np.stack([np.interp(s, length, points[:, i]) for i in range(3)], -1)
 
 
@@ -118,7 +136,7 @@ def _walk(canvas: _Canvas, rng: np.random.Generator, own: int, start: np.ndarray
     pulled gently back to `heading`, so paths cross the volume the way neurites do. When the
     ball of radius `clearance` ahead would touch another segment, the least bent of a few wider
     candidate directions that is free is taken. The walk ends when it leaves the volume, is
-    boxed in, or reaches `max_length`.
+    boxed in, or reaches `max_length`. A short moving average rounds off the turns.
     """
     pos = np.asarray(start, dtype=float)
     heading = _unit(np.asarray(heading, dtype=float))
@@ -139,7 +157,7 @@ def _walk(canvas: _Canvas, rng: np.random.Generator, own: int, start: np.ndarray
         points.append(pos)
         if ((pos < 0) | (pos > canvas.shape - 1)).any():
             break
-    return np.array(points)
+    return ndi.uniform_filter1d(np.array(points), 5, axis=0, mode="nearest")
 
 
 def _entry(rng: np.random.Generator, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,12 +178,12 @@ def _add_axon(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.n
     bouton = 1.5
     path = _walk(canvas, rng, label, start, heading, clearance=radius + bouton + 1, step=2.0,
                  max_length=4 * canvas.shape.max(), persistence=300)
-    if len(path) < 20:
+    if not canvas.long_enough(path):
         return False
-    centers = _densify(path, 0.5)
-    s = np.arange(len(centers)) * 0.5
+    centers = _densify(path)
+    s = np.arange(len(centers)) * _SPACING
     boutons = rng.uniform(0, s[-1], size=int(s[-1] / 40))
-    swell = np.exp(-((s[:, None] - boutons[None]) / 2.5) ** 2).sum(1) if boutons.size else 0
+    swell = np.exp(-((s[:, None] - boutons[None]) / 2.5) ** 2).sum(1)
     canvas.paint_tube(centers, radius + bouton * np.minimum(swell, 1), label)
     return True
 
@@ -173,10 +191,9 @@ def _add_axon(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.n
 def _add_spines(canvas: _Canvas, rng: np.random.Generator, label: int, centers: np.ndarray,
                 radii: np.ndarray) -> None:
     """Spines every ~8 voxels along a dendrite: a thin neck ending in a round head."""
-    spacing = 0.5  # of `centers`
     step = np.diff(centers, axis=0, append=centers[-1:] + (centers[-1:] - centers[-2:-1]))
     tangents = _unit(step + 1e-9)
-    positions = np.cumsum(rng.uniform(4, 12, size=int(len(centers) * spacing / 4))) / spacing
+    positions = np.cumsum(rng.uniform(4, 12, size=int(len(centers) * _SPACING / 4))) / _SPACING
     for i in positions.astype(int):
         if i >= len(centers):
             break
@@ -185,7 +202,7 @@ def _add_spines(canvas: _Canvas, rng: np.random.Generator, label: int, centers: 
         neck_length, neck_radius = rng.uniform(3, 9), rng.choice([1.0, 1.5])
         head_radius = rng.uniform(2.0, 3.5)
         base = radii[i] - 1
-        neck = centers[i] + side * np.arange(base, base + neck_length, 0.5)[:, None]
+        neck = centers[i] + side * np.arange(base, base + neck_length, _SPACING)[:, None]
         head = centers[i] + side * (base + neck_length + head_radius - 1)
         if (canvas.blocked(neck, neck_radius + 1, label).any()
                 or canvas.blocked(head[None], head_radius + 1, label)[0]):
@@ -199,10 +216,10 @@ def _add_dendrite(canvas: _Canvas, rng: np.random.Generator, label: int, start: 
     """A spiny tube tapering slowly from `radius`, branching up to `branches` times."""
     path = _walk(canvas, rng, label, start, heading, clearance=radius + 1, step=3.0,
                  max_length=3 * canvas.shape.max(), persistence=200)
-    if len(path) < 10:
+    if not canvas.long_enough(path):
         return False
-    centers = _densify(path, 0.5)
-    radii = np.maximum(radius - 0.004 * np.arange(len(centers)) * 0.5, 4.0)
+    centers = _densify(path)
+    radii = np.maximum(radius - 0.004 * np.arange(len(centers)) * _SPACING, 4.0)
     canvas.paint_tube(centers, radii, label)
     if branches and len(centers) > 120 and rng.random() < 0.6:
         at = rng.integers(len(centers) // 4, len(centers) // 2)
@@ -262,36 +279,57 @@ def _place_somata(canvas: _Canvas, rng: np.random.Generator, count: int) -> None
         _add_soma(canvas, rng, canvas.new_segment("soma"), center, radius)
 
 
-def _add_glia(canvas: _Canvas, rng: np.random.Generator, count: int, fill: float = 0.8) -> None:
+def _upsample2(field: np.ndarray) -> np.ndarray:
+    """Linear interpolation onto a grid twice as fine: n samples along an axis become 2n - 1."""
+    for axis in range(3):
+        field = np.moveaxis(field, axis, 0)
+        fine = np.empty((2 * len(field) - 1,) + field.shape[1:], dtype=field.dtype)
+        fine[0::2] = field
+        fine[1::2] = (field[:-1] + field[1:]) * np.float32(0.5)
+        field = np.moveaxis(fine, 0, axis)
+    return field
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
+    """Noise smoothed over about `sigma` voxels, float32 with zero mean and unit variance.
+
+    It is smoothed on a grid 2**k times coarser (2**k <= sigma) and interpolated up linearly,
+    which costs a small fraction of smoothing at full size.
+    """
+    levels = max(0, int(np.log2(sigma)))
+    coarse = tuple(-(-int(n) // 2 ** levels) + 1 for n in shape)
+    field = ndi.gaussian_filter(rng.random(coarse, dtype=np.float32), sigma / 2 ** levels)
+    field = (field - field.mean()) / field.std()
+    for _ in range(levels):
+        field = _upsample2(field)
+    return np.ascontiguousarray(field[:shape[0], :shape[1], :shape[2]])
+
+
+def _add_glia(canvas: _Canvas, rng: np.random.Generator, count: int, fill: float = 0.9) -> None:
     """Irregular glia filling most of the free space, one territory per glia cell.
 
     Territories are Voronoi cells of random seeds in smoothly warped coordinates (so borders
     between glia are curved), computed at half resolution. Inside its territory a glia cell
     takes the free voxels where a smooth noise field is high, about `fill` of them; the rest
-    stays extracellular space.
+    is extracellular space, in pockets.
     """
     shape = canvas.shape
-    half = (shape + 1) // 2
-    coarse = half // 8 + 2
-    warp = [ndi.zoom(ndi.gaussian_filter(rng.standard_normal(coarse), 1.0), 8, order=1)
-            [:half[0], :half[1], :half[2]] for _ in range(3)]
+    half = tuple((shape + 1) // 2)
     grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in half], indexing="ij", sparse=True)
-    warped = [g + 12.0 * w / w.std() for g, w in zip(grid, warp)]
-    seeds = rng.uniform(0, half, size=(count, 3))
-    nearest = np.full(tuple(half), np.inf, dtype=np.float32)
-    territory = np.zeros(tuple(half), dtype=np.uint32)
-    for k, seed in enumerate(seeds):
-        d = sum((w - s) ** 2 for w, s in zip(warped, seed))
-        closer = d < nearest
-        nearest[closer] = d[closer]
-        territory[closer] = k
+    warped = np.stack(np.broadcast_arrays(
+        *[g + 16 * _smooth_noise(rng, half, 16) for g in grid]), -1)
+    seeds = rng.uniform(0, half, size=(count, 3)).astype(np.float32)
+    # Nearest seed: |w - s|^2 = |w|^2 - 2 w.s + |s|^2, and |w|^2 is the same for every seed.
+    # Written out per axis rather than as a matrix product, to stay bit-exact across machines.
+    weights, offsets = -2 * seeds, (seeds ** 2).sum(1)
+    territory = np.stack([
+        np.argmin(sum(slab[..., i, None] * weights[:, i] for i in range(3)) + offsets, axis=-1)
+        for slab in warped]).astype(np.uint16)
     territory = territory.repeat(2, 0).repeat(2, 1).repeat(2, 2)[:shape[0], :shape[1], :shape[2]]
 
-    field = ndi.gaussian_filter(rng.standard_normal(tuple(shape), dtype=np.float32), 2.5)
-    occupied = field > np.quantile(field[::4, ::4, ::4], 1 - fill)
-    glia = np.array([canvas.new_segment("glia") for _ in range(count)], dtype=np.uint32)
-    free = canvas.labels == 0
-    canvas.labels[free & occupied] = glia[territory[free & occupied]]
+    occupied = _smooth_noise(rng, shape, 4) > ndtri(1 - fill)
+    glia = np.array([canvas.new_segment("glia") for _ in range(count)], dtype=canvas.labels.dtype)
+    canvas.labels = np.where((canvas.labels == 0) & occupied, glia[territory], canvas.labels)
 
 
 def _keep_largest_pieces(labels: np.ndarray, min_voxels: int
@@ -317,8 +355,8 @@ def _keep_largest_pieces(labels: np.ndarray, min_voxels: int
 def _counts(shape: Sequence[int]) -> dict[str, int]:
     """How many segments of each class to start from: the default mix scaled to the volume."""
     scale = np.prod(shape) / np.prod(DEFAULT_SHAPE)
-    return {"soma": max(1, round(2 * scale)), "dendrite": max(2, round(14 * scale)),
-            "axon": max(6, round(55 * scale)), "glia": max(3, round(16 * scale))}
+    return {"soma": max(1, round(2 * scale)), "dendrite": max(3, round(20 * scale)),
+            "axon": max(8, round(80 * scale)), "glia": max(4, round(16 * scale))}
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -402,7 +440,7 @@ def make_em(labels: np.ndarray, seed: int) -> np.ndarray:
     """
     rng = np.random.default_rng((seed, _EM))
     hashed = (labels * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(58)  # 0..63 per segment
-    em = np.where(labels == 0, np.float32(205), 135 + hashed.astype(np.float32) * 0.6)
+    em = np.where(labels == 0, np.float32(185), 135 + hashed.astype(np.float32) * 0.6)
     em -= 85 * boundaries(labels)
 
     # Organelles: dark balls of radius 2-4, clipped to the segment they sit in.
@@ -418,9 +456,9 @@ def make_em(labels: np.ndarray, seed: int) -> np.ndarray:
         idx = idx[inside]
         em[idx[:, 0], idx[:, 1], idx[:, 2]] -= 55
 
-    em += 14 * rng.standard_normal(labels.shape, dtype=np.float32)
+    em += 50 * (rng.random(labels.shape, dtype=np.float32) - 0.5)  # texture, once blurred
     em = ndi.gaussian_filter(em, 0.8)
-    em += 6 * rng.standard_normal(labels.shape, dtype=np.float32)
+    em += 20 * (rng.random(labels.shape, dtype=np.float32) - 0.5)
     return np.clip(np.rint(em), 0, 255).astype(np.uint8)
 
 
@@ -523,6 +561,6 @@ def summarize(dataset: Dataset) -> str:
     for name in ("em", "segmentation"):
         path = Path(getattr(dataset, name))
         info = json.loads((path / "info").read_text())
-        lines.append(f"  {name}: {_bytes_on_disk(path) / 1e6:.1f} MB on disk "
+        lines.append(f"  {name}: {_bytes_on_disk(path):,} bytes on disk "
                      f"({info['scales'][0]['encoding']})")
     return "\n".join(lines)

@@ -145,7 +145,7 @@ def test_bad_inputs(tmp_path):
 
 def test_summary(written):
     text = synth.summarize(written)
-    for word in (*synth.CLASSES, "foreground fraction", "MB on disk", "jpeg",
+    for word in (*synth.CLASSES, "foreground fraction", "bytes on disk", "jpeg",
                  "compressed_segmentation"):
         assert word in text
 
