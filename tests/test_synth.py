@@ -132,6 +132,10 @@ def test_bad_inputs(tmp_path):
         synth.write_dataset(tmp_path / "a", shape=(160, 160, 8))
     with pytest.raises(ValueError, match="em_encoding"):
         synth.write_dataset(tmp_path / "a", shape=SHAPE, em_encoding="png")
+    with pytest.raises(ValueError, match="seed"):
+        synth.write_dataset(tmp_path / "a", shape=SHAPE, seed=-1)
+    with pytest.raises(ValueError, match="local directory"):
+        synth.write_dataset("gs://bucket/synthetic", shape=SHAPE)
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
@@ -141,6 +145,25 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="classes.json"):
         synth.load_dataset(precious)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_failed_write_leaves_earlier_dataset_and_no_partial_files(tmp_path, monkeypatch):
+    earlier = synth.write_dataset(tmp_path / "data", shape=(96, 96, 64), seed=0)
+    files = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    real_write = synth._write_volume
+
+    def fail_after_writing(path, *args):
+        real_write(path, *args).result()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synth, "_write_volume", fail_after_writing)
+    with pytest.raises(OSError, match="disk full"):
+        synth.write_dataset(tmp_path / "data", shape=(96, 96, 64), seed=1)
+    with pytest.raises(OSError, match="disk full"):
+        synth.write_dataset(tmp_path / "fresh", shape=(96, 96, 64), seed=1)
+    assert files == {p.relative_to(tmp_path): p.read_bytes()
+                     for p in tmp_path.rglob("*") if p.is_file()}
+    assert synth.load_dataset(tmp_path / "data") == earlier
 
 
 def test_summary(written):
