@@ -39,6 +39,16 @@ def _export_model(args: argparse.Namespace) -> None:
     print(json.dumps(identity, indent=2, sort_keys=True))
 
 
+def _read(args: argparse.Namespace) -> None:
+    from segclr_beam import reader
+
+    try:
+        tree = reader.EmbeddingReader(args.out, args.num_shards, args.bytewidth)
+        print(reader.describe(tree, tree.read_segment(args.segment)))
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"segclr-beam read: {e.args[0]}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segclr-beam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(run=_export_model)
+
+    p = commands.add_parser("read", help="summarize one segment of an embedding output tree "
+                            "(CSV-ZIP; a public release needs --num-shards and --bytewidth)")
+    p.add_argument("out", help="output tree, e.g. OUT/agg10um (local or gs://)")
+    p.add_argument("--segment", type=int, required=True, help="segment id")
+    p.add_argument("--num-shards", type=int, default=None, help="for a tree without info.json")
+    p.add_argument("--bytewidth", type=int, default=None, help="for a tree without info.json")
+    p.set_defaults(run=_read)
     return parser
 
 
