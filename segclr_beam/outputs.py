@@ -292,7 +292,6 @@ class _Written(NamedTuple):
     name: str
     segments: int
     nodes: int
-    dim: int
 
 
 class WriteEmbeddings(beam.PTransform):
@@ -349,13 +348,21 @@ class WriteEmbeddings(beam.PTransform):
         keyed = [inputs[name] | f"KeyByShard[{name}]" >> beam.ParDo(
                      _KeyByShard(name, self._options))
                  for name in sorted(self._variants)]
-        return (keyed
-                | "Flatten" >> beam.Flatten()
-                | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShards" >> beam.ParDo(_WriteShard(temp_root, self._variants, self._options))
+        grouped = keyed | "Flatten" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
+        # Every shard is checked before any is written (a side input is complete before its
+        # consumer starts), so bad data fails the run with no file written at all.
+        dims = (grouped
+                | "CheckShards" >> beam.FlatMap(_check_shard, self._options.formats[0])
+                | "DistinctDims" >> beam.Distinct()
+                | "CollectDims" >> beam.combiners.ToList()
+                | "DimsByVariant" >> beam.Map(_dims_by_variant))
+        return (grouped
+                | "WriteShards" >> beam.ParDo(_WriteShard(temp_root, self._variants, self._options),
+                                              beam.pvalue.AsSingleton(dims))
                 | "CollectShards" >> beam.combiners.ToList()
                 | "Finalize" >> beam.ParDo(_Finalize(self._root, temp_root, self._variants,
-                                                     self._options, self._provenance)))
+                                                     self._options, self._provenance),
+                                           beam.pvalue.AsSingleton(dims)))
 
 
 class _Options(NamedTuple):
@@ -394,6 +401,31 @@ class _KeyByShard(beam.DoFn):
                 yield (self._variant, fmt, digest % self._options.tfrecord_shards), record
 
 
+def _shard_table(variant: str, records: Iterable[tuple[Point, np.ndarray]]) -> EmbeddingTable:
+    """One shard's records as a table sorted by (segment, node), checked for repeats."""
+    try:
+        return EmbeddingTable.from_records(records).sorted()
+    except ValueError as e:
+        raise ValueError(f"{variant}: {e}") from None
+
+
+def _check_shard(element, fmt: str) -> Iterator[tuple[str, int]]:
+    """(variant, embedding dim) of a shard of format `fmt` (each record is in one of those)."""
+    (variant, shard_fmt, _), records = element
+    if shard_fmt == fmt:
+        yield variant, _shard_table(variant, records).dim
+
+
+def _dims_by_variant(pairs: list[tuple[str, int]]) -> dict[str, int]:
+    dims = collections.defaultdict(set)
+    for variant, dim in pairs:
+        dims[variant].add(dim)
+    for variant, found in dims.items():
+        if len(found) > 1:
+            raise ValueError(f"{variant}: embeddings of different dimensions {sorted(found)}")
+    return {variant: found.pop() for variant, found in dims.items()}
+
+
 class _WriteShard(beam.DoFn):
     """Write one shard file into the temporary directory and report what it holds."""
 
@@ -405,12 +437,11 @@ class _WriteShard(beam.DoFn):
         self._segments = beam.metrics.Metrics.counter("segclr", "segments_written")
         self._nodes = beam.metrics.Metrics.counter("segclr", "nodes_written")
 
-    def process(self, element):
+    def process(self, element, dims: Mapping[str, int]):
+        """`dims` is the checked embedding dimension per variant; waiting for it is the point."""
         (variant, fmt, shard), records = element
-        try:
-            table = EmbeddingTable.from_records(records).sorted()
-        except ValueError as e:
-            raise ValueError(f"{variant}: {e}") from None
+        table = _shard_table(variant, records)
+        assert table.dim == dims[variant]
         segments = len(np.unique(table.segment_ids))
         o = self._options
         if fmt == "csv_zip":
@@ -424,7 +455,7 @@ class _WriteShard(beam.DoFn):
         if fmt == o.formats[0]:
             self._segments.inc(segments)
             self._nodes.inc(len(table))
-        yield _Written(variant, fmt, name, segments, len(table), table.dim)
+        yield _Written(variant, fmt, name, segments, len(table))
 
 
 class _Finalize(beam.DoFn):
@@ -438,17 +469,14 @@ class _Finalize(beam.DoFn):
         self._options = options
         self._provenance = provenance
 
-    def process(self, written: list[_Written]):
+    def process(self, written: list[_Written], dims: Mapping[str, int]):
         o = self._options
         by_variant = collections.defaultdict(list)
         for w in written:
             by_variant[w.variant].append(w)
-        infos, moves = {}, []
+        files_by_variant = {}
         for variant, radius in sorted(self._variants.items()):
             files = by_variant[variant]
-            dims = sorted({w.dim for w in files})
-            if len(dims) > 1:
-                raise ValueError(f"{variant}: embeddings of different dimensions {dims}")
             names = {w.name for w in files}
             if "tfrecord" in o.formats:
                 for shard in range(o.tfrecord_shards):
@@ -459,47 +487,52 @@ class _Finalize(beam.DoFn):
                                        EmbeddingTable.from_records([]), radius, o.tfrecord_gzip)
                         names.add(name)
             counted = [w for w in files if w.fmt == o.formats[0]]
-            infos[variant] = self._info(variant, radius, dims[0] if dims else None,
-                                        sum(w.segments for w in counted),
-                                        sum(w.nodes for w in counted),
-                                        sum(w.fmt == "csv_zip" for w in files))
-            moves += [(variant, name) for name in sorted(names)]
-
-        for variant in infos:  # A tree being replaced stops looking complete first.
-            tree = FileSystems.join(self._root, variant)
-            info = FileSystems.join(tree, INFO_NAME)
-            if FileSystems.exists(info):
-                FileSystems.delete([info])
-            if not FileSystems.exists(tree):
-                FileSystems.mkdirs(tree)
-            self._move(variant, sorted(n for v, n in moves if v == variant))
-        for variant, info in infos.items():
-            path = FileSystems.join(self._root, variant, INFO_NAME)
-            with FileSystems.create(path, mime_type="application/json",
+            info = self._info(variant, radius, dims.get(variant),
+                              sum(w.segments for w in counted), sum(w.nodes for w in counted),
+                              sum(w.fmt == "csv_zip" for w in files))
+            with FileSystems.create(FileSystems.join(self._temp_root, variant, INFO_NAME),
+                                    mime_type="application/json",
                                     compression_type=CompressionTypes.UNCOMPRESSED) as out:
                 out.write((json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-            yield path
+            files_by_variant[variant] = sorted(names)
+
+        for variant in files_by_variant:  # Trees being replaced stop looking complete first.
+            info = FileSystems.join(self._root, variant, INFO_NAME)
+            if FileSystems.exists(info):
+                FileSystems.delete([info])
+        for variant, names in files_by_variant.items():
+            tree = FileSystems.join(self._root, variant)
+            if not FileSystems.exists(tree):
+                FileSystems.mkdirs(tree)
+            self._move(variant, names)
+            self._delete_stale(variant, names)
+        for variant in files_by_variant:
+            self._move(variant, [INFO_NAME])
+            yield FileSystems.join(self._root, variant, INFO_NAME)
         _delete_tree(self._temp_root)
 
     def _move(self, variant: str, names: list[str]) -> None:
-        """Rename the variant's files into its tree and delete shard files no longer written.
+        """Rename files from the temporary directory into the variant's tree.
 
         Idempotent, so a retried finalize finishes the job: a file already moved is skipped.
         """
         temp = FileSystems.join(self._temp_root, variant)
         tree = FileSystems.join(self._root, variant)
-        in_temp = _list_names(temp, "*")
-        in_tree = _list_names(tree, "*.zip", "*.tfrecord", "*.tfrecord.gz")
+        in_temp, in_tree = _list_names(temp, "*"), _list_names(tree, "*")
         missing = [n for n in names if n not in in_temp and n not in in_tree]
         if missing:
-            raise RuntimeError(f"{variant}: shard files vanished before finalize: {missing[:5]}")
+            raise RuntimeError(f"{variant}: files vanished before finalize: {missing[:5]}")
         pending = [n for n in names if n in in_temp]
         if pending:
             FileSystems.rename([FileSystems.join(temp, n) for n in pending],
                                [FileSystems.join(tree, n) for n in pending])
-        stale = sorted(in_tree - set(names))  # left by an earlier run with other settings
+
+    def _delete_stale(self, variant: str, keep: list[str]) -> None:
+        """Delete shard files that an earlier run with other settings left in the tree."""
+        tree = FileSystems.join(self._root, variant)
+        stale = _list_names(tree, "*.zip", "*.tfrecord", "*.tfrecord.gz") - set(keep)
         if stale:
-            FileSystems.delete([FileSystems.join(tree, n) for n in stale])
+            FileSystems.delete([FileSystems.join(tree, n) for n in sorted(stale)])
 
     def _info(self, variant: str, radius: float | None, dim: int | None, segments: int,
               nodes: int, zips: int) -> dict:
