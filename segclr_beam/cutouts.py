@@ -6,7 +6,7 @@ are grouped by spatial block and EM + segmentation are read once for the group (
 spanned by its windows, at most the block grown by half a window). The uint64 segmentation
 is relabelled to small local ids once per read; every mask is then a compare on those ids.
 A group whose points are few and far apart is cheaper as separate window reads; the choice
-is made per group from the number of storage chunks each way decodes.
+is made per group from the voxels each way reads.
 
 Only points cross the group-by-block shuffle. Cutouts are produced lazily, one at a time,
 and are meant to be consumed in the same fused stage by the model: at any moment one read
@@ -44,18 +44,21 @@ class CutoutStats:
     bytes_decoded: voxels materialised from storage (inside the volume bounds; the zeros
     standing for voxels outside are not counted) times the bytes per voxel of each volume,
     summed over the EM and segmentation reads.
+    chunk_bytes_decoded: the same for whole storage chunks, which is what the codecs decode
+    when no chunk cache is configured (TensorStore's default).
     """
 
     blocks_read: int = 0
     windows_read: int = 0
     bytes_decoded: int = 0
+    chunk_bytes_decoded: int = 0
     cutouts: int = 0
     segment_absent: int = 0
 
 
 def block_of(point: Point, block_size: int) -> tuple[int, int, int]:
     """Index (x, y, z) of the spatial block of edge `block_size` voxels holding `point`."""
-    return (point.x // block_size, point.y // block_size, point.z // block_size)
+    return (int(point.x) // block_size, int(point.y) // block_size, int(point.z) // block_size)
 
 
 def window_of(point: Point, cutout_size: int) -> Box:
@@ -171,7 +174,9 @@ class CutoutReader:
         bounds = self.segmentation.bounds
         box = windows_box(points, self.cutout_size).intersect(bounds)
         windows = [window_of(p, self.cutout_size).intersect(bounds) for p in points]
-        if self.decoded_bytes([box]) <= self.decoded_bytes(windows):
+        # Cost is dominated by per-voxel work after decoding (copying, relabelling, laying
+        # out), so the shared read wins unless the windows together hold fewer voxels.
+        if self._bytes(box) <= sum(self._bytes(w) for w in windows):
             self.stats.blocks_read += not box.is_empty()
             # No local names for the arrays: cut_block drops the uint64 ids once relabelled.
             yield from cut_block(points, box, *self._read_async(box)(), self.cutout_size,
@@ -185,8 +190,13 @@ class CutoutReader:
             yield from cut_block([point], window, *pending.pop(0)(), self.cutout_size,
                                  self.stats)
 
-    def decoded_bytes(self, boxes: Iterable[Box]) -> int:
-        """Bytes of storage chunks that reading `boxes` from both volumes decodes (no cache)."""
+    def _bytes(self, box: Box) -> int:
+        """Bytes of EM and segmentation materialised from storage to read `box`."""
+        return sum(box.intersect(v.bounds).size * v.dtype.itemsize
+                   for v in (self.em, self.segmentation))
+
+    def chunk_bytes(self, boxes: Iterable[Box]) -> int:
+        """Bytes of whole storage chunks that reading `boxes` decodes (with no chunk cache)."""
         if self._grids is None:
             self._grids = [(v, tuple(v.store.chunk_layout.read_chunk.shape),
                             tuple(v.store.chunk_layout.grid_origin))
@@ -198,8 +208,8 @@ class CutoutReader:
         """Start reading EM and segmentation of `box` concurrently; call the result to wait."""
         if box.is_empty():
             return lambda: (np.zeros(box.shape, np.uint8), np.zeros(box.shape, np.uint8))
-        self.stats.bytes_decoded += sum(box.intersect(v.bounds).size * v.dtype.itemsize
-                                        for v in (self.em, self.segmentation))
+        self.stats.bytes_decoded += self._bytes(box)
+        self.stats.chunk_bytes_decoded += self.chunk_bytes([box])
         em, segmentation = self.em.read_async(box), self.segmentation.read_async(box)
         return lambda: (em.result(), segmentation.result())
 
@@ -229,8 +239,8 @@ class _CutFn(beam.DoFn):
     """Reads one group's EM and segmentation and yields (point, cutout) one at a time."""
 
     _COUNTERS = {"blocks_read": "blocks_read", "windows_read": "windows_read",
-                 "bytes_decoded": "bytes_decoded", "cutouts": "cutouts_emitted",
-                 "segment_absent": "cutouts_segment_absent"}
+                 "bytes_decoded": "bytes_decoded", "chunk_bytes_decoded": "chunk_bytes_decoded",
+                 "cutouts": "cutouts_emitted", "segment_absent": "cutouts_segment_absent"}
 
     def __init__(self, em: Volume, segmentation: Volume, cutout_size: int):
         self._em, self._segmentation, self._cutout_size = em, segmentation, cutout_size

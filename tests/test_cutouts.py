@@ -48,13 +48,20 @@ def random_points(labels: np.ndarray, n: int, seed: int, origin=(0, 0, 0)) -> li
             for i, v in enumerate(picked)]
 
 
+def labelled_point(labels: np.ndarray, near, node_id: int) -> Point:
+    """A point at the labelled voxel nearest `near`."""
+    labelled = np.argwhere(labels != 0)
+    x, y, z = (int(v) for v in labelled[np.abs(labelled - near).sum(axis=1).argmin()])
+    return Point(int(labels[x, y, z]), node_id, x, y, z)
+
+
 @pytest.fixture(scope="module")
 def dataset(synthetic_dataset):
     em, segmentation = open_volumes(synthetic_dataset.em, synthetic_dataset.segmentation)
     stores = open_store(synthetic_dataset.em), open_store(synthetic_dataset.segmentation)
     labels = stores[1][..., 0].read().result()
-    corners = [Point(int(labels[x, y, z]), 1000 + i, x, y, z)
-               for i, (x, y, z) in enumerate([(0, 0, 0), (191, 191, 127), (0, 100, 127)])]
+    corners = [labelled_point(labels, corner, 1000 + i)
+               for i, corner in enumerate([(0, 0, 0), (191, 191, 127), (0, 100, 127)])]
     points = random_points(labels, 24, seed=1) + corners
     return em, segmentation, stores, labels, points
 
@@ -84,23 +91,25 @@ def test_cutouts_equal_independent_reads(dataset, size, block_size):
         assert all(Box.around(p[2:], size).intersect(em.bounds).size < size ** 3 for p in points)
 
 
-def test_strategy_follows_decoded_bytes(dataset):
+def test_strategy_follows_bytes_read(dataset):
     em, segmentation, stores, labels, _ = dataset
-    far = [Point(int(labels[x, y, z]), i, x, y, z)
-           for i, (x, y, z) in enumerate([(10, 10, 10), (180, 180, 110)])]
+    far = [labelled_point(labels, xyz, i) for i, xyz in enumerate([(10, 10, 10), (180, 180, 110)])]
     reader = CutoutReader(em, segmentation, 33)
     check_against_reference(list(reader.cutouts(far)), stores, 33)
     assert (reader.stats.windows_read, reader.stats.blocks_read) == (2, 0)
-    near = [Point(int(labels[x, y, z]), i, x, y, z)
-            for i, (x, y, z) in enumerate([(100, 100, 60), (110, 95, 64), (96, 104, 58)])]
+    near = [labelled_point(labels, xyz, i)
+            for i, xyz in enumerate([(100, 100, 60), (110, 95, 64), (96, 104, 58)])]
     check_against_reference(list(reader.cutouts(near)), stores, 33)
     assert (reader.stats.windows_read, reader.stats.blocks_read) == (2, 1)
-    # Bytes decoded: voxels inside the volume of the 2 windows and the near box, EM + seg.
-    boxes = [Box.around(p[2:], 33) for p in far]
-    boxes.append(Box((96 - 16, 95 - 16, 58 - 16), (110 + 17, 104 + 17, 64 + 17)))
-    voxels = sum(box.intersect(em.bounds).size for box in boxes)
-    assert voxels < 3 * 33 ** 3 + boxes[-1].size
-    assert reader.stats.bytes_decoded == voxels * (1 + 8)
+    # Bytes decoded: voxels inside the volume of what was read, times 1 (EM) + 8 (seg).
+    boxes = [Box.around(p[2:], 33).intersect(em.bounds) for p in far]
+    boxes.append(windows_box(near, 33).intersect(em.bounds))
+    assert boxes[-1].size < 3 * 33 ** 3 < windows_box(far, 33).intersect(em.bounds).size
+    assert reader.stats.bytes_decoded == sum(box.size for box in boxes) * (1 + 8)
+    # Whole chunks (64^3 in the synthetic volumes) holding those boxes.
+    chunks = sum(np.prod([-(-b // 64) - a // 64 for a, b in zip(box.start, box.stop)])
+                 for box in boxes)
+    assert reader.stats.chunk_bytes_decoded == chunks * 64 ** 3 * (1 + 8)
 
 
 def test_point_outside_both_volumes_fails_before_reading(dataset):
@@ -116,7 +125,7 @@ def test_point_outside_both_volumes_fails_before_reading(dataset):
 def test_absent_segment_gives_zeros_and_is_counted(dataset):
     em, segmentation, stores, labels, _ = dataset
     # A thin axon far from (150, 150, 100): in the block that is read, but not in the window.
-    ids, counts = np.unique(labels, return_counts=True)
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
     axon = ids[np.argmin(counts)]
     axon_voxels = np.argwhere(labels == axon)
     far_from = np.array([150, 150, 100])
@@ -235,8 +244,8 @@ def test_dense_block_is_split_over_groups(dataset):
     sizes = collections.Counter(group_key(p, 256, groups=4) for p in points)
     assert sorted(sizes) == [(0, 0, 0, g) for g in range(4)]
     pipeline, digests = run_make_cutouts(em, segmentation, points, block_size=256,
-                                         cutout_size=33, max_points_per_group=16)
-    assert_that(digests, equal_to(cutout_digests(em, segmentation, points, 33)))
+                                         max_points_per_group=16)
+    assert_that(digests, equal_to(cutout_digests(em, segmentation, points, 129)))
     result = pipeline.run()
     result.wait_until_finish()
     found = counters(result)
