@@ -1,0 +1,684 @@
+"""Skeletons and sample points: kimimaro per chunk, fragments merged per segment, points
+sampled along the merged skeleton every `spacing_nm` of path length.
+
+Chunks share one voxel plane with their upper neighbours. kimimaro's `fix_borders` puts a
+skeleton endpoint at the same place of a shared plane in both chunks, so the fragments of a
+segment meet at identical vertices and merge by consolidation, as in igneous.
+
+Skeletons are handled in nanometres with voxel i at i * resolution (kimimaro's convention);
+precomputed skeleton files put vertices at voxel centres, (i + 0.5) * resolution, as
+Neuroglancer and igneous do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import json
+import re
+import struct
+from typing import Any, Collection, Iterable, NamedTuple, Sequence
+
+import apache_beam as beam
+import fastremap
+import kimimaro
+import kimimaro.post
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import scipy.spatial
+import tensorstore as ts
+from apache_beam.io.filesystems import FileSystems
+from osteoid import Skeleton
+
+from segclr_beam.points import Point
+from segclr_beam.volume import Box, Volume, VolumeError, _kvstore_url
+
+OVERLAP = 1  # voxels a chunk shares with each upper neighbour
+
+
+@dataclasses.dataclass(frozen=True)
+class TeasarParams:
+    """kimimaro's TEASAR parameters, lengths in nanometres; defaults suit 32 nm data.
+
+    A path is traced to the farthest voxel not yet within `scale` * (distance to the boundary)
+    + `const_nm` of an earlier path; `pdrf_*` weight how hard paths hug the centre line.
+    Objects whose distance to the boundary exceeds `soma_detection_nm` are examined as somata.
+    """
+
+    scale: float = 1.5
+    const_nm: float = 300.0
+    pdrf_scale: float = 100000.0
+    pdrf_exponent: int = 4
+    soma_detection_nm: float = 750.0
+    soma_acceptance_nm: float = 3500.0
+    soma_invalidation_scale: float = 2.0
+    soma_invalidation_const_nm: float = 300.0
+    max_paths: int | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is not None and value < 0:
+                raise ValueError(f"teasar.{field.name}: must be >= 0, got {value}")
+
+    def to_kimimaro(self) -> dict:
+        return {
+            "scale": self.scale,
+            "const": self.const_nm,
+            "pdrf_scale": self.pdrf_scale,
+            "pdrf_exponent": self.pdrf_exponent,
+            "soma_detection_threshold": self.soma_detection_nm,
+            "soma_acceptance_threshold": self.soma_acceptance_nm,
+            "soma_invalidation_scale": self.soma_invalidation_scale,
+            "soma_invalidation_const": self.soma_invalidation_const_nm,
+            "max_paths": self.max_paths,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SkeletonOptions:
+    """How segments are skeletonized, cleaned and sampled.
+
+    min_voxels: segments with fewer voxels (summed over all chunks) get no points.
+    dust_nm: skeleton pieces of less cable than this are dropped (the longest piece stays).
+    tick_nm: branches from a branch point to an end shorter than this are cut.
+    postprocess_max_vertices: larger merged skeletons (glia, mergers) are only consolidated;
+      dust, loop and tick removal grow quadratically on them.
+    """
+
+    chunk_size: tuple[int, int, int] = (512, 512, 512)
+    teasar: TeasarParams = TeasarParams()
+    fix_branching: bool = True
+    min_voxels: int = 1000
+    dust_nm: float = 1500.0
+    tick_nm: float = 1500.0
+    spacing_nm: float = 1500.0
+    postprocess_max_vertices: int = 1_000_000
+
+    def __post_init__(self):
+        size = np.broadcast_to(np.asarray(self.chunk_size, dtype=np.int64), (3,))
+        object.__setattr__(self, "chunk_size", tuple(int(v) for v in size))
+        if min(self.chunk_size) <= OVERLAP:
+            raise ValueError(f"chunk_size: {self.chunk_size} must be larger than the "
+                             f"{OVERLAP}-voxel overlap on every axis")
+        for name in ("min_voxels", "dust_nm", "tick_nm", "postprocess_max_vertices"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.spacing_nm > 0:
+            raise ValueError(f"spacing_nm: must be > 0, got {self.spacing_nm}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One unit of skeletonization: `box` is read and skeletonized, `core` counts voxels.
+
+    `box` is `core` plus the voxel plane it shares with each upper neighbour inside the bbox.
+    """
+
+    core: Box
+    box: Box
+
+
+class Fragment(NamedTuple):
+    """The skeleton of one segment inside one chunk, in global voxels: light to shuffle."""
+
+    vertices: np.ndarray  # int32 [N, 3] voxel (x, y, z)
+    edges: np.ndarray  # uint32 [E, 2] vertex indices
+    radii: np.ndarray  # float32 [N] distance to the segment boundary, nm
+
+
+def plan_chunks(bbox: Box, chunk_size: Sequence[int], bounds: Box) -> list[Chunk]:
+    """Tile `bbox` (which must lie inside the volume `bounds`) into overlapping chunks."""
+    size = np.broadcast_to(np.asarray(chunk_size, dtype=np.int64), (3,))
+    if (size <= OVERLAP).any():
+        raise ValueError(f"chunk size {tuple(int(v) for v in size)} must be larger than the "
+                         f"{OVERLAP}-voxel overlap on every axis")
+    if bbox.is_empty():
+        raise VolumeError(f"bounding box {bbox} is empty")
+    if bbox.intersect(bounds) != bbox:
+        raise VolumeError(f"bounding box {bbox} is not inside the segmentation's voxels {bounds}")
+    starts = [range(a, b, int(s)) for a, b, s in zip(bbox.start, bbox.stop, size)]
+    chunks = []
+    for start in itertools.product(*starts):
+        start = np.asarray(start)
+        core = Box(start, np.minimum(start + size, bbox.stop))
+        box = Box(start, np.minimum(start + size + OVERLAP, bbox.stop))
+        chunks.append(Chunk(core, box))
+    return chunks
+
+
+def skeletonize_chunk(
+    labels: np.ndarray,
+    chunk: Chunk,
+    resolution: Sequence[float],
+    options: SkeletonOptions = SkeletonOptions(),
+    segment_ids: Collection[int] | None = None,
+) -> tuple[dict[int, Fragment], dict[int, int]]:
+    """Skeleton fragments and voxel counts of the segments in one chunk.
+
+    `labels` holds `chunk.box`; it is modified. Voxels are counted in `chunk.core` only, so
+    counts add up exactly over the chunks. Every piece is skeletonized, however small: whether
+    a segment is dust is decided on its whole voxel count.
+    """
+    core = labels[chunk.core.slices(chunk.box.start)]
+    ids, counts = fastremap.unique(core, return_counts=True)
+    voxels = {int(i): int(c) for i, c in zip(ids, counts) if i != 0}
+    object_ids = None
+    if segment_ids is not None:
+        voxels = {i: c for i, c in voxels.items() if i in segment_ids}
+        object_ids = sorted(int(i) for i in segment_ids)
+    resolution = np.asarray(resolution, dtype=np.float32)
+    skeletons = kimimaro.skeletonize(
+        labels,
+        teasar_params=options.teasar.to_kimimaro(),
+        anisotropy=resolution,
+        object_ids=object_ids,
+        dust_threshold=0,
+        fix_branching=options.fix_branching,
+        fix_borders=True,
+        in_place=True,
+        progress=False,
+        parallel=1,
+    )
+    origin = np.asarray(chunk.box.start, dtype=np.int32)
+    fragments = {}
+    for segment_id, skeleton in skeletons.items():
+        vertices = np.rint(skeleton.vertices / resolution).astype(np.int32) + origin
+        fragments[int(segment_id)] = Fragment(
+            vertices, skeleton.edges.astype(np.uint32), skeleton.radius.astype(np.float32))
+    return fragments, voxels
+
+
+def merge_fragments(
+    fragments: Iterable[Fragment],
+    resolution: Sequence[float],
+    options: SkeletonOptions = SkeletonOptions(),
+) -> Skeleton:
+    """One segment's skeleton (nm) from its fragments: joined at shared vertices, then cleaned.
+
+    Fragments are merged in a canonical order so that the result (radii at shared vertices
+    included) does not depend on the order in which they arrive.
+    """
+    resolution = np.asarray(resolution, dtype=np.float64)
+    pieces = sorted(fragments, key=lambda f: (f.vertices.tobytes(), f.edges.tobytes()))
+    skeleton = Skeleton.simple_merge([
+        Skeleton((f.vertices * resolution).astype(np.float32), f.edges, radii=f.radii,
+                 space="physical")
+        for f in pieces
+    ]).consolidate()
+    return clean_skeleton(skeleton, options)
+
+
+def clean_skeleton(skeleton: Skeleton, options: SkeletonOptions = SkeletonOptions()) -> Skeleton:
+    """A tree per piece: close pieces joined, redundant paths retraced away, dust and ticks cut.
+
+    Skeletons above `options.postprocess_max_vertices` are returned as they are.
+    """
+    if skeleton.empty() or len(skeleton.vertices) > options.postprocess_max_vertices:
+        return skeleton
+    cleaned = kimimaro.join_close_components(skeleton, restrict_by_radius=True)
+    cleaned = retrace(cleaned, options.teasar)
+    cleaned = _remove_dust(cleaned, options.dust_nm)
+    cleaned = _remove_ticks(cleaned, options.tick_nm)
+    cleaned.id = skeleton.id
+    return cleaned
+
+
+def retrace(skeleton: Skeleton, teasar: TeasarParams = TeasarParams()) -> Skeleton:
+    """TEASAR run again on a skeleton's own graph: a tree per piece without redundant paths.
+
+    Each chunk forces paths to every place where a segment crosses its faces, and cannot see
+    the paths its neighbours traced nearby, so a merged skeleton has loops and parallel paths
+    that kimimaro on the whole segment would not trace. As TEASAR does on voxels: from a root
+    at an end of the piece (the vertex farthest from its thickest point), repeatedly take the
+    farthest vertex not yet within `scale` * radius + `const_nm` of a traced path and trace
+    the shortest path from it back to the tree. Every piece keeps at least its longest path.
+    """
+    vertices = skeleton.vertices.astype(np.float64)
+    n = len(vertices)
+    if n <= 1 or len(skeleton.edges) == 0:
+        return skeleton
+    a, b = skeleton.edges[:, 0], skeleton.edges[:, 1]
+    lengths = np.linalg.norm(vertices[a] - vertices[b], axis=1)
+    graph = scipy.sparse.coo_matrix((np.r_[lengths, lengths], (np.r_[a, b], np.r_[b, a])),
+                                    shape=(n, n)).tocsr()
+    pieces, piece = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    radius = skeleton.radius.astype(np.float64)
+    thickest = np.lexsort((np.arange(n), -radius, piece))
+    thickest = thickest[np.r_[True, np.diff(piece[thickest]) != 0]]  # one per piece
+    distance = scipy.sparse.csgraph.dijkstra(graph, directed=False, indices=thickest,
+                                             min_only=True)
+    roots = np.lexsort((np.arange(n), -distance, piece))
+    roots = roots[np.r_[True, np.diff(piece[roots]) != 0]]
+    distance, parent, _ = scipy.sparse.csgraph.dijkstra(
+        graph, directed=False, indices=roots, min_only=True, return_predecessors=True)
+
+    reach = teasar.scale * radius + teasar.const_nm
+    search = scipy.spatial.cKDTree(vertices)
+    valid = np.ones(n, dtype=bool)
+    in_tree = np.zeros(n, dtype=bool)
+    edges = []
+
+    def invalidate(path: list[int]) -> None:
+        near = np.concatenate([np.asarray(found, dtype=np.int64) for found in
+                               search.query_ball_point(vertices[path], reach[path])])
+        valid[near[piece[near] == piece[path[0]]]] = False
+
+    in_tree[roots] = True
+    for target in np.lexsort((np.arange(n), -distance)):
+        if not valid[target]:
+            continue
+        path = [int(target)]
+        while not in_tree[path[-1]]:
+            path.append(int(parent[path[-1]]))
+        edges.extend(zip(path[:-1], path[1:]))
+        in_tree[path] = True
+        invalidate(path)
+    traced = Skeleton(skeleton.vertices, np.array(edges, dtype=np.uint32).reshape(-1, 2),
+                      radii=skeleton.radius, segid=skeleton.id, space=skeleton.space)
+    return traced.consolidate()
+
+
+def _remove_dust(skeleton: Skeleton, dust_nm: float) -> Skeleton:
+    """Drop connected pieces shorter than `dust_nm` of cable, but always keep the longest."""
+    pieces = skeleton.components()
+    if len(pieces) <= 1:
+        return skeleton
+    lengths = [piece.cable_length() for piece in pieces]
+    longest = int(np.argmax(lengths))
+    return Skeleton.simple_merge([
+        piece for i, (piece, length) in enumerate(zip(pieces, lengths))
+        if i == longest or length >= dust_nm
+    ]).consolidate()
+
+
+def _remove_ticks(skeleton: Skeleton, tick_nm: float) -> Skeleton:
+    """Cut branches shorter than `tick_nm` from an end to a branch point, shortest first.
+
+    Cutting a branch can turn its branch point into a plain path vertex and so lengthen the
+    branch on the other side; lengths are therefore re-measured lazily as they come up. A
+    piece without branch points is never cut. (kimimaro.post.remove_ticks can cut a path
+    between two branch points and split a tree, so it is not used.)
+    """
+    if tick_nm <= 0 or skeleton.empty():
+        return skeleton
+    vertices = skeleton.vertices.astype(np.float64)
+    neighbours: list[set[int]] = [set() for _ in range(len(vertices))]
+    for a, b in skeleton.edges.tolist():
+        if a != b:
+            neighbours[a].add(b)
+            neighbours[b].add(a)
+
+    def branch(end: int) -> tuple[list[int], float, int] | None:
+        """The vertices from an end up to (without) its branch point, their length, the point."""
+        path, length, previous, v = [end], 0.0, -1, end
+        while True:
+            ahead = [u for u in neighbours[v] if u != previous]
+            if not ahead:
+                return None  # reached another end: the piece is a plain path
+            nxt = ahead[0]
+            length += float(np.linalg.norm(vertices[nxt] - vertices[v]))
+            if len(neighbours[nxt]) != 2:
+                return (path, length, nxt) if len(neighbours[nxt]) > 2 else None
+            path.append(nxt)
+            previous, v = v, nxt
+
+    queue = []
+    for end in range(len(vertices)):
+        if len(neighbours[end]) == 1 and (found := branch(end)) is not None:
+            queue.append((found[1], end))
+    heapq.heapify(queue)
+    while queue:
+        length, end = heapq.heappop(queue)
+        found = branch(end) if len(neighbours[end]) == 1 else None
+        if found is None:
+            continue
+        path, actual, point = found
+        if actual > length:  # lengthened by an earlier cut: back in line
+            heapq.heappush(queue, (actual, end))
+            continue
+        if actual >= tick_nm:
+            break  # every other branch is at least as long
+        for a, b in zip(path, path[1:] + [point]):
+            neighbours[a].discard(b)
+            neighbours[b].discard(a)
+    edges = np.array([(a, b) for a in range(len(vertices)) for b in neighbours[a] if a < b],
+                     dtype=np.uint32).reshape(-1, 2)
+    trimmed = Skeleton(skeleton.vertices, edges, radii=skeleton.radius, segid=skeleton.id,
+                       space=skeleton.space)
+    return trimmed.consolidate()
+
+
+def sample_nodes(vertices: np.ndarray, edges: np.ndarray, spacing_nm: float) -> np.ndarray:
+    """Indices of the vertices sampled every `spacing_nm` of path length, in node-id order.
+
+    Each connected piece is walked depth first from a canonical root: its first end (or its
+    first vertex if it has no end) in (x, y, z) order, neighbours taken in (x, y, z) order.
+    The root is sampled; then, along every path away from it, the first vertex at least
+    `spacing_nm` of path length past the previous sample. Pieces come in order of their roots.
+    """
+    n = len(vertices)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort(vertices.T[::-1])  # rank -> vertex index, sorted by x, then y, then z
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    position = vertices[order].astype(np.float64)
+    a, b = rank[edges[:, 0]], rank[edges[:, 1]]
+    a, b = a[a != b], b[a != b]
+    graph = scipy.sparse.coo_matrix((np.ones(2 * len(a)), (np.r_[a, b], np.r_[b, a])),
+                                    shape=(n, n)).tocsr()
+    graph.sort_indices()
+    _, piece = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    roots: dict[int, int] = {}
+    for r in itertools.chain(np.flatnonzero(np.diff(graph.indptr) == 1), range(n)):
+        roots.setdefault(piece[r], int(r))
+    since = np.zeros(n)  # path length from the last sample above each vertex
+    sampled = []
+    for root in sorted(roots.values()):
+        walk, parent = scipy.sparse.csgraph.depth_first_order(
+            graph, root, directed=False, return_predecessors=True)
+        sampled.append(root)
+        walk = walk[1:]
+        steps = np.linalg.norm(position[walk] - position[parent[walk]], axis=1)
+        for v, p, step in zip(walk.tolist(), parent[walk].tolist(), steps.tolist()):
+            d = since[p] + step
+            if d >= spacing_nm:
+                sampled.append(v)
+                d = 0.0
+            since[v] = d
+    return order[np.asarray(sampled, dtype=np.int64)]
+
+
+def skeleton_points(segment_id: int, skeleton: Skeleton, resolution: Sequence[float],
+                    spacing_nm: float) -> list[Point]:
+    """The sample points of one segment's skeleton (nm, voxel i at i * resolution)."""
+    nodes = sample_nodes(skeleton.vertices, skeleton.edges, spacing_nm)
+    voxels = np.floor(skeleton.vertices[nodes] / np.asarray(resolution) + 0.5).astype(np.int64)
+    return [Point(int(segment_id), node, *map(int, xyz)) for node, xyz in enumerate(voxels)]
+
+
+# Precomputed skeletons (https://github.com/google/neuroglancer/blob/master/src/datasource/
+# precomputed/skeletons.md): one file per segment, or uint64-sharded files read through
+# TensorStore's neuroglancer_uint64_sharded key-value store.
+_RADIUS = {"id": "radius", "data_type": "float32", "num_components": 1}
+_SEGMENT_FILE = re.compile(r"^(\d+)(\.gz)?$")
+
+
+def to_precomputed(skeleton: Skeleton, resolution: Sequence[float]) -> bytes:
+    """A skeleton (nm, voxel i at i * resolution) as a precomputed skeleton file: vertices
+    at voxel centres, with the radius as a vertex attribute."""
+    centres = skeleton.vertices + 0.5 * np.asarray(resolution, dtype=np.float32)
+    out = Skeleton(centres.astype(np.float32), skeleton.edges, radii=skeleton.radius,
+                   extra_attributes=[_RADIUS])
+    return out.to_precomputed()
+
+
+def skeletons_info() -> dict:
+    """The info file of a directory of skeletons written by `to_precomputed`."""
+    return {"@type": "neuroglancer_skeletons", "transform": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+            "vertex_attributes": [_RADIUS]}
+
+
+@dataclasses.dataclass
+class SkeletonSource:
+    """A directory of neuroglancer precomputed skeletons, unsharded or uint64-sharded.
+
+    Pickles as its path and info, so Beam workers reopen it lazily.
+    """
+
+    path: str
+    info: dict
+    _shards: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_shards": None}
+
+    @classmethod
+    def open(cls, path: str) -> "SkeletonSource":
+        path = path.rstrip("/")
+        info_path = FileSystems.join(path, "info")
+        try:
+            with FileSystems.open(info_path) as f:
+                info = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a precomputed skeleton directory ({info_path}: {e})")
+        if info.get("@type") != "neuroglancer_skeletons":
+            raise ValueError(f"{info_path}: @type is {info.get('@type')!r}, "
+                             "expected 'neuroglancer_skeletons'")
+        sharding = info.get("sharding")
+        if sharding is not None and sharding.get("@type") != "neuroglancer_uint64_sharded_v1":
+            raise ValueError(f"{info_path}: unknown sharding {sharding.get('@type')!r}")
+        return cls(path, info)
+
+    @property
+    def sharded(self) -> bool:
+        return self.info.get("sharding") is not None
+
+    @property
+    def shards(self) -> ts.KvStore:
+        if self._shards is None:
+            self._shards = ts.KvStore.open({
+                "driver": "neuroglancer_uint64_sharded", "base": _kvstore_url(self.path),
+                "metadata": self.info["sharding"]}).result()
+        return self._shards
+
+    def segment_ids(self) -> list[int]:
+        """Every segment that has a skeleton here, sorted."""
+        if self.sharded:
+            return sorted(struct.unpack(">Q", key)[0] for key in self.shards.list().result())
+        found = FileSystems.match([FileSystems.join(self.path, "*")])[0].metadata_list
+        names = (_SEGMENT_FILE.match(m.path.rstrip("/").rsplit("/", 1)[-1]) for m in found)
+        return sorted({int(name.group(1)) for name in names if name})
+
+    def read(self, segment_id: int) -> Skeleton | None:
+        """A segment's skeleton in nm (the info transform applied), or None if it has none."""
+        data = self._read_bytes(segment_id)
+        if data is None:
+            return None
+        attributes = self.info.get("vertex_attributes", [])
+        self._check_size(segment_id, data, attributes)
+        skeleton = Skeleton.from_precomputed(data, segid=segment_id, vertex_attributes=attributes)
+        transform = np.asarray(self.info.get("transform", np.eye(3, 4).ravel()),
+                               dtype=np.float64).reshape(3, 4)
+        skeleton.vertices = skeleton.vertices @ transform[:, :3].T + transform[:, 3]
+        return skeleton
+
+    def _read_bytes(self, segment_id: int) -> bytes | None:
+        if self.sharded:
+            found = self.shards.read(struct.pack(">Q", segment_id)).result()
+            return bytes(found.value) if found.state == "value" else None
+        for name in (str(segment_id), f"{segment_id}.gz"):
+            path = FileSystems.join(self.path, name)
+            if FileSystems.exists(path):
+                with FileSystems.open(path) as f:
+                    return f.read()
+        return None
+
+    def _check_size(self, segment_id: int, data: bytes, attributes: list[dict]) -> None:
+        """Fail clearly on a truncated file (the decoder would fail obscurely)."""
+        if len(data) >= 8:
+            vertices, edges = struct.unpack_from("<II", data)
+            size = 8 + 12 * vertices + 8 * edges
+            extra = sum(vertices * int(a["num_components"]) * np.dtype(a["data_type"]).itemsize
+                        for a in attributes)
+            if len(data) in (size, size + extra):
+                return
+            expected = f"{size} or {size + extra}"
+        else:
+            expected = "at least 8"
+        raise ValueError(f"{self.path}: skeleton of segment {segment_id} has {len(data)} bytes, "
+                         f"expected {expected}")
+
+
+# Beam: thin wrappers around the functions above.
+_FRAGMENTS, _VOXELS, _SKELETONS = "fragments", "voxels", "skeletons"
+
+
+def _counter(name: str) -> beam.metrics.metric.Metrics.DelegatingCounter:
+    return beam.metrics.Metrics.counter("segclr", name)
+
+
+class _SkeletonizeChunk(beam.DoFn):
+    """Chunk -> (segment id, Fragment), and (segment id, voxel count) tagged `voxels`."""
+
+    def __init__(self, segmentation: Volume, options: SkeletonOptions,
+                 segment_ids: frozenset[int] | None):
+        self._segmentation, self._options, self._segment_ids = segmentation, options, segment_ids
+        self._chunks, self._fragments = _counter("chunks_skeletonized"), _counter("fragments")
+
+    def setup(self):
+        self._segmentation.store  # open the TensorStore once per worker
+
+    def process(self, chunk: Chunk):
+        labels = self._segmentation.read(chunk.box)
+        fragments, voxels = skeletonize_chunk(labels, chunk, self._segmentation.resolution,
+                                              self._options, self._segment_ids)
+        self._chunks.inc()
+        self._fragments.inc(len(fragments))
+        yield from fragments.items()
+        for item in voxels.items():
+            yield beam.pvalue.TaggedOutput(_VOXELS, item)
+
+
+class _MergeSegment(beam.DoFn):
+    """(segment id, {fragments, voxels}) -> the segment's Points if it is large enough, and
+    its skeleton file (tagged `skeletons`) when skeletons are written."""
+
+    def __init__(self, resolution: Sequence[float], options: SkeletonOptions,
+                 write_skeletons: bool):
+        self._resolution, self._options = tuple(resolution), options
+        self._write_skeletons = write_skeletons
+        self._segments, self._small = _counter("segments_skeletonized"), _counter("segments_too_small")
+        self._empty, self._points = _counter("segments_without_skeleton"), _counter("points_sampled")
+
+    def process(self, element):
+        segment_id, grouped = element
+        if sum(grouped[_VOXELS]) < self._options.min_voxels:
+            self._small.inc()
+            return
+        skeleton = merge_fragments(grouped[_FRAGMENTS], self._resolution, self._options)
+        points = skeleton_points(segment_id, skeleton, self._resolution, self._options.spacing_nm)
+        if not points:  # only pieces of single voxels, which kimimaro does not skeletonize
+            self._empty.inc()
+            return
+        self._segments.inc()
+        self._points.inc(len(points))
+        yield from points
+        if self._write_skeletons:
+            yield beam.pvalue.TaggedOutput(
+                _SKELETONS, (segment_id, to_precomputed(skeleton, self._resolution)))
+
+
+class SkeletonizeSegments(beam.PTransform):
+    """Sample points of every segment in a bounding box, from chunked kimimaro skeletons.
+
+    Chunks of `options.chunk_size` voxels are skeletonized independently and in parallel; the
+    fragments of each segment are grouped, merged and cleaned into one skeleton, along which
+    points are sampled every `options.spacing_nm`. Segments with fewer than
+    `options.min_voxels` voxels inside the box are dropped; `segment_ids`, if given, restricts
+    the work to those segments. With `skeleton_dir`, the merged skeletons are also written
+    there as neuroglancer precomputed skeletons (the info file last).
+    """
+
+    def __init__(self, segmentation: Volume, bbox: Box | None = None,
+                 options: SkeletonOptions = SkeletonOptions(),
+                 segment_ids: Collection[int] | None = None, skeleton_dir: str | None = None):
+        super().__init__()
+        self._chunks = plan_chunks(bbox or segmentation.bounds, options.chunk_size,
+                                   segmentation.bounds)
+        self._segmentation, self._options = segmentation, options
+        self._segment_ids = None if segment_ids is None else frozenset(map(int, segment_ids))
+        self._skeleton_dir = skeleton_dir
+
+    def expand(self, pbegin):
+        found = (pbegin
+                 | "Chunks" >> beam.Create(self._chunks)
+                 | "SpreadChunks" >> beam.Reshuffle()
+                 | "Skeletonize" >> beam.ParDo(_SkeletonizeChunk(
+                     self._segmentation, self._options, self._segment_ids)
+                 ).with_outputs(_VOXELS, main=_FRAGMENTS))
+        voxels = found[_VOXELS] | "SumVoxels" >> beam.CombinePerKey(sum)
+        merged = ({_FRAGMENTS: found[_FRAGMENTS], _VOXELS: voxels}
+                  | "BySegment" >> beam.CoGroupByKey()
+                  | "Merge" >> beam.ParDo(_MergeSegment(
+                      self._segmentation.resolution, self._options,
+                      self._skeleton_dir is not None)).with_outputs(_SKELETONS, main="points"))
+        if self._skeleton_dir is not None:
+            _ = merged[_SKELETONS] | "WriteSkeletons" >> _WriteSkeletons(self._skeleton_dir)
+        return merged["points"]
+
+
+class _WriteSkeletons(beam.PTransform):
+    """(segment id, precomputed bytes) -> files `{directory}/{segment id}`, then `info`."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self._directory = directory.rstrip("/")
+
+    def _write(self, segment_id: int, data: bytes) -> None:
+        with FileSystems.create(FileSystems.join(self._directory, str(segment_id))) as f:
+            f.write(data)
+
+    def _write_info(self, _) -> None:
+        with FileSystems.create(FileSystems.join(self._directory, "info")) as f:
+            f.write(json.dumps(skeletons_info(), indent=1).encode())
+
+    def expand(self, skeletons):
+        return (skeletons
+                | "WriteFiles" >> beam.MapTuple(self._write)
+                | "AllWritten" >> beam.combiners.Count.Globally()
+                | "WriteInfo" >> beam.Map(self._write_info))
+
+
+class _SkeletonPoints(beam.DoFn):
+    """Segment id -> Points sampled along its precomputed skeleton."""
+
+    def __init__(self, source: SkeletonSource, resolution: Sequence[float], spacing_nm: float):
+        self._source, self._resolution, self._spacing_nm = source, tuple(resolution), spacing_nm
+        self._segments, self._missing = _counter("segments_read"), _counter("segments_without_skeleton")
+        self._points = _counter("points_sampled")
+
+    def process(self, segment_id: int):
+        skeleton = self._source.read(segment_id)
+        if skeleton is None or skeleton.empty():
+            self._missing.inc()
+            return
+        # The files put voxel i's centre at (i + 0.5) * resolution.
+        skeleton.vertices = skeleton.vertices - 0.5 * np.asarray(self._resolution)
+        points = skeleton_points(segment_id, skeleton, self._resolution, self._spacing_nm)
+        self._segments.inc()
+        self._points.inc(len(points))
+        yield from points
+
+
+class ReadSkeletonPoints(beam.PTransform):
+    """Sample points along existing neuroglancer precomputed skeletons (unsharded or sharded).
+
+    Vertices are taken in nm and mapped to voxels at `resolution`; points are sampled every
+    `spacing_nm` of path length as for skeletons made here. `segment_ids` restricts the
+    segments read (ids without a skeleton are counted and skipped).
+    """
+
+    def __init__(self, path: str, resolution: Sequence[float], spacing_nm: float = 1500.0,
+                 segment_ids: Collection[int] | None = None):
+        super().__init__()
+        if not spacing_nm > 0:
+            raise ValueError(f"spacing_nm: must be > 0, got {spacing_nm}")
+        self._source = SkeletonSource.open(path)
+        self._resolution, self._spacing_nm = tuple(resolution), spacing_nm
+        self._segment_ids = None if segment_ids is None else sorted(set(map(int, segment_ids)))
+
+    def expand(self, pbegin):
+        if self._segment_ids is None:
+            ids = (pbegin
+                   | "Directory" >> beam.Create([self._source])
+                   | "ListSegments" >> beam.FlatMap(SkeletonSource.segment_ids))
+        else:
+            ids = pbegin | "Segments" >> beam.Create(self._segment_ids)
+        return (ids
+                | "SpreadSegments" >> beam.Reshuffle()
+                | "Sample" >> beam.ParDo(_SkeletonPoints(
+                    self._source, self._resolution, self._spacing_nm)))
