@@ -1,10 +1,11 @@
 """Sample points: the light records that flow from skeletons to cutouts to outputs.
 
-Besides skeletonization (segclr_beam.skeleton), points come from a table of
-`segment_id,x,y,z` (CSV, or Avro with those fields) or from an earlier run's points file, and
-an allow-list of segment ids can restrict any source. A run's points are written as Avro with
-deterministic bytes (sorted records, fixed sync marker), so reruns give identical files. All
-files go through Beam's FileSystems, so local paths and gs:// work alike.
+Points come from skeletons (sampled every `spacing_nm` of path length: skeletons made by
+segclr_beam.skeleton, or existing neuroglancer precomputed skeletons), from a table of
+`segment_id,x,y,z` (CSV, or Avro with those fields), or from an earlier run's points file; an
+allow-list of segment ids can restrict any source. A run's points are written as Avro with
+deterministic bytes (sorted records, fixed sync marker), so reruns give identical files. Files
+go through Beam's FileSystems (and TensorStore for sharded skeletons), so gs:// works too.
 """
 
 from __future__ import annotations
@@ -13,14 +14,25 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
+import json
 import os
+import re
+import struct
 import uuid
 import zlib
-from typing import Collection, Iterable, Iterator, NamedTuple
+from typing import Any, Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import apache_beam as beam
 import fastavro
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import tensorstore as ts
 from apache_beam.io.filesystems import FileSystems
+from osteoid import Skeleton
+
+from segclr_beam.volume import _kvstore_url
 
 
 class Point(NamedTuple):
@@ -60,7 +72,171 @@ class TableRow(NamedTuple):
     z: int
 
 
-# Avro files -------------------------------------------------------------------------------
+# Sampling along skeletons ---------------------------------------------------------------
+
+def sample_nodes(vertices: np.ndarray, edges: np.ndarray, spacing_nm: float) -> np.ndarray:
+    """Indices of the vertices sampled every `spacing_nm` of path length, in node-id order.
+
+    Each connected piece is walked depth first from a canonical root: its first end (or its
+    first vertex if it has no end) in (x, y, z) order, neighbours taken in (x, y, z) order.
+    The root is sampled; then, along every path away from it, the first vertex at least
+    `spacing_nm` of path length past the previous sample. Pieces come in order of their roots.
+    """
+    n = len(vertices)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort(vertices.T[::-1])  # rank -> vertex index, sorted by x, then y, then z
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    position = vertices[order].astype(np.float64)
+    a, b = rank[edges[:, 0]], rank[edges[:, 1]]
+    a, b = a[a != b], b[a != b]
+    graph = scipy.sparse.coo_matrix((np.ones(2 * len(a)), (np.r_[a, b], np.r_[b, a])),
+                                    shape=(n, n)).tocsr()
+    graph.sort_indices()
+    _, piece = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    roots: dict[int, int] = {}
+    for r in itertools.chain(np.flatnonzero(np.diff(graph.indptr) == 1), range(n)):
+        roots.setdefault(piece[r], int(r))
+    since = np.zeros(n)  # path length from the last sample above each vertex
+    sampled = []
+    for root in sorted(roots.values()):
+        walk, parent = scipy.sparse.csgraph.depth_first_order(
+            graph, root, directed=False, return_predecessors=True)
+        sampled.append(root)
+        walk = walk[1:]
+        steps = np.linalg.norm(position[walk] - position[parent[walk]], axis=1)
+        for v, p, step in zip(walk.tolist(), parent[walk].tolist(), steps.tolist()):
+            d = since[p] + step
+            if d >= spacing_nm:
+                sampled.append(v)
+                d = 0.0
+            since[v] = d
+    return order[np.asarray(sampled, dtype=np.int64)]
+
+
+def skeleton_points(segment_id: int, skeleton: Skeleton, resolution: Sequence[float],
+                    spacing_nm: float) -> list[Point]:
+    """The sample points of one segment's skeleton (nm, voxel i at i * resolution)."""
+    nodes = sample_nodes(skeleton.vertices, skeleton.edges, spacing_nm)
+    voxels = np.floor(skeleton.vertices[nodes] / np.asarray(resolution) + 0.5).astype(np.int64)
+    return [Point(int(segment_id), node, *map(int, xyz)) for node, xyz in enumerate(voxels)]
+
+
+# Precomputed skeletons (https://github.com/google/neuroglancer/blob/master/src/datasource/
+# precomputed/skeletons.md): one file per segment, or uint64-sharded files read through
+# TensorStore's neuroglancer_uint64_sharded key-value store.
+_RADIUS = {"id": "radius", "data_type": "float32", "num_components": 1}
+_SEGMENT_FILE = re.compile(r"^(\d+)(\.gz)?$")
+
+
+def to_precomputed(skeleton: Skeleton, resolution: Sequence[float]) -> bytes:
+    """A skeleton (nm, voxel i at i * resolution) as a precomputed skeleton file: vertices
+    at voxel centres, with the radius as a vertex attribute."""
+    centres = skeleton.vertices + 0.5 * np.asarray(resolution, dtype=np.float32)
+    out = Skeleton(centres.astype(np.float32), skeleton.edges, radii=skeleton.radius,
+                   extra_attributes=[_RADIUS])
+    return out.to_precomputed()
+
+
+def skeletons_info() -> dict:
+    """The info file of a directory of skeletons written by `to_precomputed`."""
+    return {"@type": "neuroglancer_skeletons", "transform": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+            "vertex_attributes": [_RADIUS]}
+
+
+@dataclasses.dataclass
+class SkeletonSource:
+    """A directory of neuroglancer precomputed skeletons, unsharded or uint64-sharded.
+
+    Pickles as its path and info, so Beam workers reopen it lazily.
+    """
+
+    path: str
+    info: dict
+    _shards: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_shards": None}
+
+    @classmethod
+    def open(cls, path: str) -> "SkeletonSource":
+        path = path.rstrip("/")
+        info_path = FileSystems.join(path, "info")
+        try:
+            with FileSystems.open(info_path) as f:
+                info = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a precomputed skeleton directory ({info_path}: {e})")
+        if info.get("@type") != "neuroglancer_skeletons":
+            raise ValueError(f"{info_path}: @type is {info.get('@type')!r}, "
+                             "expected 'neuroglancer_skeletons'")
+        sharding = info.get("sharding")
+        if sharding is not None and sharding.get("@type") != "neuroglancer_uint64_sharded_v1":
+            raise ValueError(f"{info_path}: unknown sharding {sharding.get('@type')!r}")
+        return cls(path, info)
+
+    @property
+    def sharded(self) -> bool:
+        return self.info.get("sharding") is not None
+
+    @property
+    def shards(self) -> ts.KvStore:
+        if self._shards is None:
+            self._shards = ts.KvStore.open({
+                "driver": "neuroglancer_uint64_sharded", "base": _kvstore_url(self.path),
+                "metadata": self.info["sharding"]}).result()
+        return self._shards
+
+    def segment_ids(self) -> list[int]:
+        """Every segment that has a skeleton here, sorted."""
+        if self.sharded:
+            return sorted(struct.unpack(">Q", key)[0] for key in self.shards.list().result())
+        found = FileSystems.match([FileSystems.join(self.path, "*")])[0].metadata_list
+        names = (_SEGMENT_FILE.match(m.path.rstrip("/").rsplit("/", 1)[-1]) for m in found)
+        return sorted({int(name.group(1)) for name in names if name})
+
+    def read(self, segment_id: int) -> Skeleton | None:
+        """A segment's skeleton in nm (the info transform applied), or None if it has none."""
+        data = self._read_bytes(segment_id)
+        if data is None:
+            return None
+        attributes = self.info.get("vertex_attributes", [])
+        self._check_size(segment_id, data, attributes)
+        skeleton = Skeleton.from_precomputed(data, segid=segment_id, vertex_attributes=attributes)
+        transform = np.asarray(self.info.get("transform", np.eye(3, 4).ravel()),
+                               dtype=np.float64).reshape(3, 4)
+        skeleton.vertices = skeleton.vertices @ transform[:, :3].T + transform[:, 3]
+        return skeleton
+
+    def _read_bytes(self, segment_id: int) -> bytes | None:
+        if self.sharded:
+            found = self.shards.read(struct.pack(">Q", segment_id)).result()
+            return bytes(found.value) if found.state == "value" else None
+        for name in (str(segment_id), f"{segment_id}.gz"):
+            path = FileSystems.join(self.path, name)
+            if FileSystems.exists(path):
+                with FileSystems.open(path) as f:
+                    return f.read()
+        return None
+
+    def _check_size(self, segment_id: int, data: bytes, attributes: list[dict]) -> None:
+        """Fail clearly on a truncated file (the decoder would fail obscurely)."""
+        if len(data) >= 8:
+            vertices, edges = struct.unpack_from("<II", data)
+            size = 8 + 12 * vertices + 8 * edges
+            extra = sum(vertices * int(a["num_components"]) * np.dtype(a["data_type"]).itemsize
+                        for a in attributes)
+            if len(data) in (size, size + extra):
+                return
+            expected = f"{size} or {size + extra}"
+        else:
+            expected = "at least 8"
+        raise ValueError(f"{self.path}: skeleton of segment {segment_id} has {len(data)} bytes, "
+                         f"expected {expected}")
+
+
+# Tables and Avro files ---------------------------------------------------------------------
 
 def write_avro(stream: io.IOBase, points: Iterable[Point]) -> None:
     """Write points to an open binary stream as Avro, sorted, with deterministic bytes."""
@@ -205,21 +381,59 @@ def _node_ids_given(tables: list[str]) -> bool:
 
 # Beam --------------------------------------------------------------------------------------
 
-class ReadPoints(beam.PTransform):
-    """Points from tables (CSV / Avro, e.g. an earlier run's points) matching a glob pattern.
+class _SkeletonPoints(beam.DoFn):
+    """Segment id -> Points sampled along its precomputed skeleton."""
 
-    Tables without node ids get them per segment in (x, y, z) order, which takes a shuffle.
-    Headers are checked when the transform is built, rows as they are read; `segment_ids`
-    keeps only those segments.
+    def __init__(self, source: SkeletonSource, resolution: Sequence[float], spacing_nm: float):
+        self._source, self._resolution, self._spacing_nm = source, tuple(resolution), spacing_nm
+        self._segments = beam.metrics.Metrics.counter("segclr", "skeletons_read")
+        self._missing = beam.metrics.Metrics.counter("segclr", "segments_without_skeleton")
+        self._points = beam.metrics.Metrics.counter("segclr", "points_sampled")
+
+    def process(self, segment_id: int):
+        skeleton = self._source.read(segment_id)
+        if skeleton is None or skeleton.empty():
+            self._missing.inc()
+            return
+        # The files put voxel i's centre at (i + 0.5) * resolution.
+        skeleton.vertices = skeleton.vertices - 0.5 * np.asarray(self._resolution)
+        points = skeleton_points(segment_id, skeleton, self._resolution, self._spacing_nm)
+        self._segments.inc()
+        self._points.inc(len(points))
+        yield from points
+
+
+class ReadPoints(beam.PTransform):
+    """Points from an existing source: precomputed skeletons, or points tables.
+
+    `source` is either a directory of neuroglancer precomputed skeletons (its `info` says
+    so), whose vertices (nm) are mapped to voxels at `resolution` and sampled every
+    `spacing_nm` of path length; or a glob pattern of CSV / Avro tables, such as an earlier
+    run's points. Tables without node ids get them per segment in (x, y, z) order, which takes
+    a shuffle. `segment_ids` keeps only those segments. The source and table headers are
+    checked when the transform is built, rows as they are read.
     """
 
-    def __init__(self, pattern: str, segment_ids: Collection[int] | None = None):
+    def __init__(self, source: str, segment_ids: Collection[int] | None = None,
+                 resolution: Sequence[float] | None = None, spacing_nm: float = 1500.0):
         super().__init__()
-        self._tables = _match(pattern)
-        self._has_node_id = _node_ids_given(self._tables)
         self._segment_ids = None if segment_ids is None else frozenset(map(int, segment_ids))
+        self._skeletons = self._tables = None
+        if FileSystems.exists(FileSystems.join(source.rstrip("/"), "info")):
+            if resolution is None:
+                raise PointsError(f"{source}: precomputed skeletons need the resolution (nm) "
+                                  "to map their vertices to voxels")
+            if not spacing_nm > 0:
+                raise ValueError(f"spacing_nm: must be > 0, got {spacing_nm}")
+            self._skeletons = SkeletonSource.open(source)
+            self._resolution, self._spacing_nm = tuple(map(float, resolution)), float(spacing_nm)
+        else:
+            self._tables = _match(source)
+            self._has_node_id = _node_ids_given(self._tables)
 
     def expand(self, pbegin):
+        if self._skeletons is not None:
+            return self._from_skeletons(pbegin)
         rows = (pbegin
                 | "Tables" >> beam.Create(self._tables)
                 | "SpreadTables" >> beam.Reshuffle()
@@ -233,6 +447,18 @@ class ReadPoints(beam.PTransform):
                 | "BySegment" >> beam.Map(lambda r: (r.segment_id, r))
                 | "GroupBySegment" >> beam.GroupByKey()
                 | "NumberNodes" >> beam.FlatMapTuple(number_nodes))
+
+    def _from_skeletons(self, pbegin):
+        if self._segment_ids is None:
+            ids = (pbegin
+                   | "Directory" >> beam.Create([self._skeletons])
+                   | "ListSegments" >> beam.FlatMap(SkeletonSource.segment_ids))
+        else:
+            ids = pbegin | "Segments" >> beam.Create(sorted(self._segment_ids))
+        return (ids
+                | "SpreadSegments" >> beam.Reshuffle()
+                | "Sample" >> beam.ParDo(_SkeletonPoints(
+                    self._skeletons, self._resolution, self._spacing_nm)))
 
 
 def shard_paths(path: str, num_shards: int) -> list[str]:
