@@ -1,0 +1,199 @@
+"""The embedding job: the one place that composes the stages.
+
+    points (skeletons, or a table) -> cutouts -> embeddings -> radius means -> output trees
+
+`prepare` checks everything that can fail before any work (configuration, volumes, model,
+output path); `build` adds the stages to a Beam pipeline; `run` does both and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from segclr_beam import aggregate, cutouts, inference, model, outputs, points, skeleton
+from segclr_beam.config import ConfigError, EmbedConfig
+from segclr_beam.runner import pipeline_options
+from segclr_beam.volume import Box, Volume, VolumeError, open_volumes
+
+POINTS_FILE = "points.avro"
+RUN_FILE = "run.json"
+RAW = "raw"
+# Top-level step names, in data-flow order; the run summary reports time per step.
+_LOG = logging.getLogger(__name__)
+STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write")
+
+
+@dataclasses.dataclass
+class Job:
+    """A validated configuration with its volumes opened and its model resolved."""
+
+    config: EmbedConfig
+    em: Volume
+    segmentation: Volume
+    bbox: Box
+    model_dir: str         # an exported SavedModel
+    model: dict            # its identity record
+
+    @property
+    def variants(self) -> dict[str, float | None]:
+        return {RAW: None, **{outputs.variant_name(r): float(r) for r in self.config.radii_nm}}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"em": self.em.spec, "segmentation": self.segmentation.spec,
+                "resolution_nm": list(self.em.resolution), "bbox": [*self.bbox.start, *self.bbox.stop]}
+
+
+def _join(root: str, *names: str) -> str:
+    return FileSystems.join(root.rstrip("/"), *names)
+
+
+def _check_output(config: EmbedConfig, variants: dict) -> None:
+    """Refuse to mix with a previous run's output; prove the output path is writable."""
+    root = config.output
+    previous = [_join(root, RUN_FILE), _join(root, POINTS_FILE)]
+    previous += [_join(root, name, outputs.INFO_NAME) for name in variants]
+    found = [path for path in previous if FileSystems.exists(path)]
+    if found and not config.overwrite:
+        raise ConfigError(f"output: {root} holds a previous run ({found[0]}); "
+                          "choose another path or pass --overwrite")
+    probe = _join(root, ".segclr-write-probe")
+    try:
+        with FileSystems.create(probe) as f:
+            f.write(b"")
+        FileSystems.delete([probe])
+    except Exception as e:  # the filesystem's own error types vary by scheme
+        raise ConfigError(f"output: cannot write to {root}: {e}") from None
+
+
+def _resolve_model(config: EmbedConfig) -> str:
+    """The SavedModel to run: `model` itself, or the export of a checkpoint prefix."""
+    path = config.model
+    if FileSystems.exists(_join(path, "saved_model.pb")):
+        return path
+    if FileSystems.exists(path + ".index"):
+        exported = _join(config.output, "model")
+        model.export_saved_model(exported, checkpoint=path)
+        return exported
+    raise ConfigError(f"model: {path} is neither a SavedModel directory (saved_model.pb) "
+                      "nor a checkpoint prefix (.index)")
+
+
+def prepare(config: EmbedConfig) -> Job:
+    """Validate `config` against storage before any work; errors name the field."""
+    config.validate()
+    try:
+        em, segmentation = open_volumes(config.em, config.segmentation, config.resolution)
+    except VolumeError as e:
+        raise ConfigError(f"volumes: {e}") from None
+    both = em.bounds.intersect(segmentation.bounds)
+    bbox = both if config.bbox is None else Box(config.bbox[:3], config.bbox[3:])
+    if bbox.intersect(both).is_empty():
+        raise ConfigError(f"bbox: {bbox} lies outside the volumes' common voxels {both}")
+    if config.points is None and not bbox == bbox.intersect(segmentation.bounds):
+        raise ConfigError(f"bbox: {bbox} leaves the segmentation's voxels {segmentation.bounds}")
+    job_variants = {RAW: None, **{outputs.variant_name(r): r for r in config.radii_nm}}
+    _check_output(config, job_variants)
+    model_dir = _resolve_model(config)
+    identity = model.model_identity(model_dir)
+    if identity["architecture"]["input_size"] != config.cutout_size:
+        raise ConfigError(f"cutout_size: {config.cutout_size}, but the model at {model_dir} "
+                          f"takes {identity['architecture']['input_size']}^3 cutouts")
+    return Job(config, em, segmentation, bbox, model_dir, identity)
+
+
+class _Progress(beam.DoFn):
+    """Passes elements through and logs how many went by, at most every `seconds`."""
+
+    def __init__(self, what: str, seconds: float = 10.0):
+        self._what, self._seconds = what, seconds
+
+    def setup(self):
+        self._count, self._start, self._last = 0, time.monotonic(), 0.0
+
+    def process(self, element):
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self._seconds:
+            self._last = now
+            rate = self._count / max(now - self._start, 1e-9)
+            _LOG.info("%s: %d (%.1f/s)", self._what, self._count, rate)
+        yield element
+
+
+def build(pipeline: beam.Pipeline, job: Job) -> None:
+    """Add the job's stages to `pipeline`."""
+    config = job.config
+    if config.points:
+        sample_points = pipeline | "Points" >> points.ReadPoints(
+            config.points, config.segments, job.em.resolution, config.spacing_nm)
+    else:
+        options = skeleton.SkeletonOptions(chunk_size=config.chunk_size,
+                                           min_voxels=config.min_voxels,
+                                           spacing_nm=config.spacing_nm)
+        sample_points = pipeline | "Points" >> skeleton.SkeletonizeSegments(
+            job.segmentation, job.bbox, options, segment_ids=config.segments,
+            skeleton_dir=_join(config.output, "skeletons") if config.write_skeletons else None)
+    _ = sample_points | "WritePoints" >> points.WritePoints(_join(config.output, POINTS_FILE))
+    embeddings = (
+        sample_points
+        | "Cutouts" >> cutouts.MakeCutouts(job.em, job.segmentation, config.block_size,
+                                           config.cutout_size)
+        | "Embed" >> inference.Embed(job.model_dir, config.batch_size)
+        | "Progress" >> beam.ParDo(_Progress("embedded cutouts")))
+    aggregated = embeddings | "Aggregate" >> aggregate.AggregateEmbeddings(
+        job.em.resolution, config.radii_nm)
+    coordinates = (outputs.CoordinateSystem.voxels(job.em.resolution)
+                   if config.coordinates == "voxels" else
+                   outputs.CoordinateSystem.nanometres(job.em.resolution, config.offset_nm))
+    _ = {RAW: embeddings, **aggregated} | "Write" >> outputs.WriteEmbeddings(
+        config.output, job.variants, coordinates=coordinates, num_shards=config.num_shards,
+        bytewidth=config.bytewidth, formats=config.formats, volumes=job.provenance(),
+        model=job.model)
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a finished run did: counters, seconds per stage, where the outputs are."""
+
+    counters: dict[str, int]
+    seconds: dict[str, float]
+    wall_seconds: float
+    outputs: dict[str, str]
+    model: dict
+
+
+def _summarize(result, job: Job, wall: float) -> RunSummary:
+    counters = {m.key.metric.name: m.committed
+                for m in result.metrics().query()["counters"] if m.key.metric.namespace == "segclr"}
+    seconds = dict.fromkeys(STAGES, 0.0)
+    for m in result.monitoring_metrics().query()["counters"]:
+        if m.key.metric.name.endswith("ptransform_execution_time:total_msecs:v1"):
+            stage = m.key.step.split("/")[0]
+            if stage in seconds:
+                seconds[stage] += m.committed / 1000.0
+    trees = {name: _join(job.config.output, name) for name in job.variants}
+    return RunSummary(counters, seconds, wall, trees, job.model)
+
+
+def run(config: EmbedConfig, beam_args: list[str] | None = None, gpu=None) -> RunSummary:
+    """Run the whole job and write its record (run.json) once every output is in place."""
+    job = prepare(config)
+    options = pipeline_options(beam_args or [], gpu)
+    start = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline, job)
+    result = pipeline.run()
+    result.wait_until_finish()
+    summary = _summarize(result, job, time.monotonic() - start)
+    record = {"config": json.loads(config.to_json()), "model": job.model,
+              "volumes": job.provenance(), "counters": summary.counters}
+    with FileSystems.create(_join(config.output, RUN_FILE)) as f:
+        f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+    return summary
