@@ -321,26 +321,34 @@ def test_exported_model_gives_keras_embeddings_in_a_fresh_process(tmp_path):
         segclr_model.export_saved_model(str(out), SMALL, checkpoint=prefix)
 
 
-def test_cli_exports_random_weights_loudly(tmp_path):
-    out = tmp_path / "random"
+def export_with_cli(out: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "segclr_beam.cli", "export-model", "--out", str(out),
                "--widths", "4,8,8,16", "--input-size", "17", "--bottleneck-width", "16",
                "--embedding-dim", "8", "--seed", "7"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr
+    return run
+
+
+def test_cli_exports_random_weights_loudly_and_reproducibly(tmp_path):
+    run = export_with_cli(tmp_path / "random")
     assert "RANDOM weights" in run.stderr
-    identity = segclr_model.model_identity(str(out))
+    identity = segclr_model.model_identity(str(tmp_path / "random"))
     assert identity["weights"] == "random-init" and identity["random_seed"] == 7
     assert identity["model_id"].startswith("segclr-random-init-")
     assert identity["signature"]["input"]["shape"] == [None, 17, 17, 17]
     assert json.loads(run.stdout) == identity
 
+    export_with_cli(tmp_path / "again")
+    files = sorted(p.relative_to(tmp_path / "random") for p in (tmp_path / "random").rglob("*")
+                   if p.is_file())
+    assert len(files) == 5
+    for name in files:
+        assert (tmp_path / "random" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
     arch = Architecture(widths=(4, 8, 8, 16), input_size=17, bottleneck_width=16, embedding_dim=8)
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        again = segclr_model.export_saved_model(str(tmp_path / "again"), arch, seed=7)
-    assert again == identity
-    with pytest.warns(UserWarning):
         other = segclr_model.export_saved_model(str(tmp_path / "other"), arch, seed=8)
     assert other["weights_sha256"] != identity["weights_sha256"]
 
