@@ -15,9 +15,9 @@ import scipy.sparse.csgraph
 import tensorstore as ts
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from segclr_beam.points import SkeletonSource, read_points, sample_nodes, WritePoints
-from segclr_beam.skeleton import (OVERLAP, Fragment, SkeletonOptions, SkeletonizeSegments,
-                                  clean_skeleton, merge_fragments, plan_chunks, skeletonize_chunk)
+from segclr_beam.points import SkeletonSource, WritePoints, read_points
+from segclr_beam.skeleton import (OVERLAP, SkeletonOptions, SkeletonizeSegments, clean_skeleton,
+                                  merge_fragments, plan_chunks, skeletonize_chunk)
 from segclr_beam.volume import Box, VolumeError, open_volume
 
 # Small enough that most synthetic segments (192 x 192 x 128 voxels) cross several chunks.
