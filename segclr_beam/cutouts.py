@@ -87,6 +87,7 @@ def check_point(point: Point, em_bounds: Box, segmentation_bounds: Box) -> None:
 
 
 def check_cutout_size(cutout_size: int) -> None:
+    """Raise ValueError unless `cutout_size` is odd, so that the point sits at the centre."""
     if int(cutout_size) != cutout_size or cutout_size < 1 or cutout_size % 2 == 0:
         raise ValueError(f"cutout_size: must be a positive odd number of voxels, got {cutout_size}")
 
@@ -263,8 +264,8 @@ class MakeCutouts(beam.PTransform):
 
     Points are keyed by spatial block and grouped, so each block's EM and segmentation are
     read once for all its points. A block with more than `max_points_per_group` points
-    (counted in a light pre-pass) is spread over several groups by a hash of (segment,
-    node), so no worker holds or works through an unbounded group. Only points are
+    (counted in a light pre-pass) is spread by a hash of (segment, node) over groups of about
+    that many points, so no worker holds or works through an unbounded group. Only points are
     shuffled; compose with the model directly (no shuffle after this transform), so each
     cutout is consumed in the stage that made it. A point outside both volumes fails the
     stage with PointOutsideError naming it.
