@@ -101,9 +101,10 @@ class SegclrModelHandler(ModelHandler[np.ndarray, np.ndarray, EmbeddingModel]):
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if model_copies < 1 or (model_copies > 1 and not share_model_across_processes):
-            raise ValueError(f"model_copies={model_copies} needs share_model_across_processes "
-                             f"and must be positive")
+        if model_copies < 1:
+            raise ValueError(f"model_copies must be positive, got {model_copies}")
+        if model_copies > 1 and not share_model_across_processes:
+            raise ValueError(f"model_copies={model_copies} needs share_model_across_processes")
         self.identity = model_identity(saved_model_dir)
         super().__init__(
             min_batch_size=batch_size, max_batch_size=batch_size,

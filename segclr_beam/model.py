@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -200,7 +200,7 @@ def _variable_names(keys: Sequence[str]) -> dict[str, str]:
     return names
 
 
-def is_training_only(name: str, all_names: set[str] = frozenset()) -> bool:
+def is_training_only(name: str, all_names: AbstractSet[str] = frozenset()) -> bool:
     """Whether a TF1 checkpoint variable is used only in training (inference ignores it).
 
     TF1 optimizers name a slot after its variable plus one component ("<var>/Momentum"),
@@ -297,10 +297,15 @@ def _is_local(path: str) -> bool:
     return FileSystems.get_scheme(path) is None
 
 
+def _files_under(directory: str) -> list:
+    """Metadata of every file under `directory`; on object stores, under the prefix."""
+    return FileSystems.match([FileSystems.join(directory.rstrip("/"), "**")])[0].metadata_list
+
+
 def copy_tree(src: str, dst: str) -> None:
     """Copy every file under directory `src` to `dst` (local paths or any Beam filesystem)."""
     src = src.rstrip("/")
-    matches = FileSystems.match([FileSystems.join(src, "**")])[0].metadata_list
+    matches = _files_under(src)
     if not matches:
         raise FileNotFoundError(f"no files under {src!r}")
     for meta in sorted(matches, key=lambda m: m.path):
@@ -341,7 +346,7 @@ def export_saved_model(out: str, arch: Architecture = Architecture(),
     Without `checkpoint` the weights are random (seeded); that is warned about and
     recorded in the identity. `out` must not exist yet; a failure leaves nothing there.
     """
-    if FileSystems.exists(out):
+    if FileSystems.exists(out) or _files_under(out):
         raise FileExistsError(f"model output {out!r} already exists; choose a new directory")
     model = build_model(arch)
     if checkpoint is None:
@@ -354,6 +359,8 @@ def export_saved_model(out: str, arch: Architecture = Architecture(),
         load_checkpoint(model, checkpoint)
         identity = _identity(arch, checkpoint, None, weights_sha256(model))
     local_parent = os.path.dirname(os.path.abspath(out)) if _is_local(out) else None
+    if local_parent is not None:
+        os.makedirs(local_parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=local_parent, prefix=".segclr-export-") as tmp:
         staged = os.path.join(tmp, "model")
         serving = _Serving(model, arch.input_size)

@@ -106,12 +106,21 @@ def test_embed_in_beam_returns_each_key_once_with_its_own_embedding(exported, ne
     assert counters["inference_batches"] == 3  # 4 + 4 + a padded 2, in one bundle
 
 
-def test_model_on_gcs_is_copied_to_local_disk(exported, network, gcs):
+def test_models_on_gcs(exported, network, gcs):
     remote = gcs.upload_dir(exported, "models/segclr")
     handler = SegclrModelHandler(remote, batch_size=3)
     assert handler.identity == segclr_model.model_identity(exported)
     cutouts = cutouts_of(2, seed=4)
     assert_close(handler.load_model().embed(cutouts), segclr_model.embed(network, cutouts))
+
+    written = f"gs://{gcs.bucket}/models/written"
+    with pytest.warns(UserWarning, match="RANDOM"):
+        identity = segclr_model.export_saved_model(written, ARCH, seed=SEED)
+    assert identity == segclr_model.model_identity(exported)
+    assert_close(SegclrModelHandler(written, batch_size=3).load_model().embed(cutouts),
+                 segclr_model.embed(network, cutouts))
+    with pytest.raises(FileExistsError, match="already exists"):
+        segclr_model.export_saved_model(written, ARCH, seed=SEED)
 
 
 _FRESH_PROCESS = """
