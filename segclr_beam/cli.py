@@ -34,8 +34,12 @@ def _export_model(args: argparse.Namespace) -> None:
 
     sizes = {"widths": args.widths, "input_size": args.input_size,
              "bottleneck_width": args.bottleneck_width, "embedding_dim": args.embedding_dim}
-    arch = model.Architecture(**{k: v for k, v in sizes.items() if v is not None})
-    identity = model.export_saved_model(args.out, arch, checkpoint=args.checkpoint, seed=args.seed)
+    try:
+        arch = model.Architecture(**{k: v for k, v in sizes.items() if v is not None})
+        identity = model.export_saved_model(args.out, arch, checkpoint=args.checkpoint,
+                                            seed=args.seed)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"segclr-beam export-model: {e}") from None
     print(json.dumps(identity, indent=2, sort_keys=True))
 
 

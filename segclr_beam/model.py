@@ -339,6 +339,21 @@ def _identity(arch: Architecture, weights: str, seed: int | None, digest: str) -
     }
 
 
+def _pin_fingerprint_uuid(saved_model_dir: str, identity: dict) -> None:
+    """Replace the random uuid TensorFlow writes into fingerprint.pb by a hash of the
+    identity record, so that exporting the same model twice gives the same bytes."""
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    path = os.path.join(saved_model_dir, "fingerprint.pb")
+    fingerprint = fingerprint_pb2.FingerprintDef()
+    with open(path, "rb") as f:
+        fingerprint.ParseFromString(f.read())
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    fingerprint.uuid = str(int(digest[:32], 16))
+    with open(path, "wb") as f:
+        f.write(fingerprint.SerializeToString(deterministic=True))
+
+
 def export_saved_model(out: str, arch: Architecture = Architecture(),
                        checkpoint: str | None = None, seed: int = 0) -> dict:
     """Write the network as a SavedModel in `out` and return its identity record.
@@ -374,21 +389,6 @@ def export_saved_model(out: str, arch: Architecture = Architecture(),
             copy_tree(staged, out)
             _write_identity(out, identity)
     return identity
-
-
-def _pin_fingerprint_uuid(saved_model_dir: str, identity: dict) -> None:
-    """Replace the random uuid TensorFlow writes into fingerprint.pb by a hash of the
-    identity record, so that exporting the same model twice gives the same bytes."""
-    from tensorflow.core.protobuf import fingerprint_pb2
-
-    path = os.path.join(saved_model_dir, "fingerprint.pb")
-    fingerprint = fingerprint_pb2.FingerprintDef()
-    with open(path, "rb") as f:
-        fingerprint.ParseFromString(f.read())
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    fingerprint.uuid = str(int(digest[:32], 16))
-    with open(path, "wb") as f:
-        f.write(fingerprint.SerializeToString(deterministic=True))
 
 
 def _identity_path(saved_model_dir: str) -> str:

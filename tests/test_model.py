@@ -353,6 +353,20 @@ def test_cli_exports_random_weights_loudly_and_reproducibly(tmp_path):
     assert other["weights_sha256"] != identity["weights_sha256"]
 
 
+def test_cli_reports_a_checkpoint_that_does_not_fit(tmp_path):
+    from segclr_beam import cli
+
+    prefix = write_tf1_checkpoint(tmp_path / "ckpt", small_values())
+    # One stage too many: its weights are missing and the head's input width is wrong.
+    with pytest.raises(SystemExit, match=r"export-model: checkpoint .* does not fit .*\n"
+                                         r"  30 missing variables:\n.*stage_6/block_a/conv_0/"
+                                         r"(.|\n)*nl_0/dense/kernel: expected float32 \[32, 16\]"):
+        cli.main(["export-model", "--checkpoint", prefix, "--out", str(tmp_path / "model"),
+                  "--widths", "4,8,8,16,32", "--input-size", "33",
+                  "--bottleneck-width", "16", "--embedding-dim", "8"])
+    assert not (tmp_path / "model").exists()
+
+
 def test_model_identity_rejects_other_directories(tmp_path):
     with pytest.raises(ValueError, match="not a SegCLR model exported by segclr-beam"):
         segclr_model.model_identity(str(tmp_path))
