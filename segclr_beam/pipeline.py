@@ -12,12 +12,13 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Collection
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from segclr_beam import aggregate, cutouts, inference, model, outputs, points, skeleton
+from segclr_beam import (aggregate, cutouts, inference, manifest, model, outputs, points,
+                         skeleton)
 from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.runner import pipeline_options
 from segclr_beam.volume import Box, Volume, VolumeError, open_volumes
@@ -27,7 +28,7 @@ RUN_FILE = "run.json"
 RAW = "raw"
 # Top-level step names, in data-flow order; the run summary reports time per step.
 _LOG = logging.getLogger(__name__)
-STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write")
+STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write", "Manifest")
 
 
 @dataclasses.dataclass
@@ -127,26 +128,29 @@ class _Progress(beam.DoFn):
         yield element
 
 
-def build(pipeline: beam.Pipeline, job: Job) -> None:
-    """Add the job's stages to `pipeline`."""
+def skeleton_options(config: EmbedConfig) -> skeleton.SkeletonOptions:
+    """How the job skeletonizes segments and samples points along them."""
+    return skeleton.SkeletonOptions(chunk_size=config.chunk_size, min_voxels=config.min_voxels,
+                                    spacing_nm=config.spacing_nm)
+
+
+def make_points(pipeline: beam.Pipeline, job: Job,
+                segment_ids: Collection[int] | None) -> beam.PCollection:
+    """The sample points ("Points") of `segment_ids`, or of every segment if None."""
     config = job.config
     if config.points:
-        sample_points = pipeline | "Points" >> points.ReadPoints(
-            config.points, config.segments, job.em.resolution, config.spacing_nm)
-    else:
-        options = skeleton.SkeletonOptions(chunk_size=config.chunk_size,
-                                           min_voxels=config.min_voxels,
-                                           spacing_nm=config.spacing_nm)
-        sample_points = pipeline | "Points" >> skeleton.SkeletonizeSegments(
-            job.segmentation, job.bbox, options, segment_ids=config.segments,
-            skeleton_dir=_join(config.output, "skeletons") if config.write_skeletons else None)
+        return pipeline | "Points" >> points.ReadPoints(
+            config.points, segment_ids, job.em.resolution, config.spacing_nm)
+    return pipeline | "Points" >> skeleton.SkeletonizeSegments(
+        job.segmentation, job.bbox, skeleton_options(config), segment_ids=segment_ids,
+        skeleton_dir=_join(config.output, "skeletons") if config.write_skeletons else None)
+
+
+def write_results(job: Job, sample_points: beam.PCollection,
+                  embeddings: beam.PCollection) -> None:
+    """The points table, the radius means and every output tree of the job."""
+    config = job.config
     _ = sample_points | "WritePoints" >> points.WritePoints(_join(config.output, POINTS_FILE))
-    embeddings = (
-        sample_points
-        | "Cutouts" >> cutouts.MakeCutouts(job.em, job.segmentation, config.block_size,
-                                           config.cutout_size)
-        | "Embed" >> inference.Embed(job.model_dir, config.batch_size)
-        | "Progress" >> beam.ParDo(_Progress("embedded cutouts")))
     aggregated = embeddings | "Aggregate" >> aggregate.AggregateEmbeddings(
         job.em.resolution, config.radii_nm)
     coordinates = (outputs.CoordinateSystem.voxels(job.em.resolution)
@@ -156,6 +160,21 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         config.output, job.variants, coordinates=coordinates, num_shards=config.num_shards,
         bytewidth=config.bytewidth, formats=config.formats, volumes=job.provenance(),
         model=job.model)
+
+
+def build(pipeline: beam.Pipeline, job: Job) -> None:
+    """Add the job's stages to `pipeline`."""
+    config = job.config
+    sample_points = make_points(pipeline, job, config.segments)
+    masked = sample_points | "Cutouts" >> cutouts.MakeCutouts(
+        job.em, job.segmentation, config.block_size, config.cutout_size)
+    embeddings = (
+        masked
+        | "Embed" >> inference.Embed(job.model_dir, config.batch_size)
+        | "Progress" >> beam.ParDo(_Progress("embedded cutouts")))
+    write_results(job, sample_points, embeddings)
+    _ = ({"cutouts": masked, "embeddings": embeddings}
+         | "Manifest" >> manifest.RecordManifest(job, skeleton_options(config)))
 
 
 @dataclasses.dataclass
