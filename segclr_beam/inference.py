@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
+import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
@@ -31,8 +32,6 @@ def configure_tensorflow(intra_op_threads: int | None = None,
     Memory growth lets a GPU's memory grow with the batches instead of being taken whole
     at start-up. Threads default to TensorFlow's choice (all cores).
     """
-    import tensorflow as tf
-
     try:
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -65,8 +64,6 @@ class EmbeddingModel:
     """A loaded SegCLR SavedModel that runs batches of exactly `batch_size` cutouts."""
 
     def __init__(self, saved_model_dir: str, batch_size: int):
-        import tensorflow as tf
-
         with local_copy(saved_model_dir) as local:
             self._saved_model = tf.saved_model.load(local)
         self._serve = self._saved_model.signatures["serving_default"]
@@ -74,8 +71,6 @@ class EmbeddingModel:
 
     def embed(self, cutouts: np.ndarray) -> np.ndarray:
         """uint8 [n <= batch_size, z, y, x] -> float32 [n, D]; short batches are zero-padded."""
-        import tensorflow as tf
-
         count = len(cutouts)
         if count < self._batch_size:
             padded = np.zeros((self._batch_size,) + cutouts.shape[1:], dtype=np.uint8)
@@ -96,7 +91,8 @@ class SegclrModelHandler(ModelHandler[np.ndarray, np.ndarray, EmbeddingModel]):
           saved_model_dir: a model written by `segclr-beam export-model` (local or gs://).
           batch_size: cutouts per model call; every call sees this batch shape.
           share_model_across_processes: one model per machine instead of one per process.
-          model_copies: models per machine when shared (e.g. the number of GPUs).
+          model_copies: models per machine when shared; more copies run more batches at
+            once (TensorFlow places each on its default device).
           intra_op_threads, inter_op_threads: TensorFlow thread pools (default: all cores).
         """
         if batch_size < 1:
