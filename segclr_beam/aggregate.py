@@ -4,9 +4,10 @@ For every node and radius R, the mean embedding of all nodes of the same segment
 Euclidean distance (nm) is at most R, the node itself included. Cell-type and
 subcompartment classifiers use these 10 um and 25 um means.
 
-The exact ball sums are computed on a grid of cells of side R / 8. Pairs of cells that lie
-entirely within R of each other contribute their precomputed cell sums; only pairs that
-straddle the ball boundary are resolved node by node. Work proceeds in chunks of query
+The exact ball sums are computed on a grid of cells of side R / 6. Pairs of cells that lie
+entirely within R of each other contribute their precomputed cell sums; for pairs that
+straddle the ball boundary each node is tested against the other cell's bounding box, and
+only the node-cell pairs that still straddle it are resolved node by node. Work proceeds in chunks of query
 cells with a bounded number of pairs, so memory stays O(chunk) even for a segment of a
 million nodes (glia, merge errors) where the number of neighbour pairs is in the hundreds
 of millions.
@@ -25,10 +26,11 @@ from segclr_beam.outputs import EmbeddingTable, variant_name
 from segclr_beam.points import Point
 
 DEFAULT_RADII_NM = (10000.0, 25000.0)
-# Grid cell side as a fraction of the radius: finer cells resolve fewer boundary node pairs
-# but enumerate more cell pairs; 1/8 was fastest on both sparse (tangled cable) and dense
-# (sheet) million-node segments in benchmarks/bench_aggregate.py.
-_CELLS_PER_RADIUS = 8
+# Grid cell side as a fraction of the radius: finer cells leave fewer node pairs to test at
+# the ball boundary but enumerate more cell pairs. R / 6 is the best compromise between a
+# sparse (tangled cable) and a dense (sheet) million-node segment in
+# benchmarks/bench_aggregate.py; R / 4 and R / 8 each lose up to ~1.5x on one of them.
+_CELLS_PER_RADIUS = 6
 # Upper bound on the cell or node pairs (and accumulator rows x dim) held at once.
 DEFAULT_MAX_PAIRS = 1 << 21
 
@@ -65,16 +67,6 @@ def radius_means(positions_nm: np.ndarray, embeddings: np.ndarray,
     return {r: _ball_means(positions, embeddings, r, max_pairs) for r in radii}
 
 
-def _squared_norm(d: np.ndarray) -> np.ndarray:
-    """Row-wise squared length of [K, 3] differences, in one fixed order of operations.
-
-    The same expression bounds cell pairs and measures node pairs, so monotone rounding
-    guarantees that a cell pair judged inside (or outside) the ball holds no node pair that
-    the node-level test would judge otherwise.
-    """
-    return d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
-
-
 def _ranges(weights: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
     """Consecutive [a, b) slices of `weights` summing to at most `budget` (or one item)."""
     ends = np.cumsum(weights)
@@ -84,6 +76,46 @@ def _ranges(weights: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
         b = max(a + 1, int(np.searchsorted(ends, before + budget, side="right")))
         yield a, b
         a = b
+
+
+def _runs(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For runs of the given sizes laid end to end: each element's run and offset in it."""
+    run = np.repeat(np.arange(len(sizes)), sizes)
+    return run, np.arange(len(run)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+
+# Squared distances between axis-aligned boxes (nodes are boxes with lo == hi), from
+# coordinate columns [3, M] gathered with take (much faster than gathering [M, 3] rows).
+# All use one order of operations, ((dx^2 + dy^2) + dz^2), so by monotone rounding a box
+# pair judged within R holds no node pair the node-level test would judge outside, and a
+# box pair judged beyond R none it would judge within.
+
+def _far2(lo_a, hi_a, a, lo_b, hi_b, b) -> np.ndarray:
+    """Squared largest distance between points of boxes a and b."""
+    total = None
+    for k in range(3):
+        d = np.maximum(hi_b[k].take(b) - lo_a[k].take(a), hi_a[k].take(a) - lo_b[k].take(b))
+        total = d * d if total is None else total + d * d
+    return total
+
+
+def _near2(lo_a, hi_a, a, lo_b, hi_b, b) -> np.ndarray:
+    """Squared smallest distance between points of boxes a and b."""
+    total = None
+    for k in range(3):
+        d = np.maximum(np.maximum(lo_b[k].take(b) - hi_a[k].take(a),
+                                  lo_a[k].take(a) - hi_b[k].take(b)), 0.0)
+        total = d * d if total is None else total + d * d
+    return total
+
+
+def _node_d2(xyz, a, b) -> np.ndarray:
+    """Squared distance between nodes a and b (equal to _far2 of their degenerate boxes)."""
+    total = None
+    for k in range(3):
+        d = xyz[k].take(b) - xyz[k].take(a)
+        total = d * d if total is None else total + d * d
+    return total
 
 
 def _ball_means(positions: np.ndarray, embeddings: np.ndarray, radius: float,
@@ -98,65 +130,70 @@ def _ball_means(positions: np.ndarray, embeddings: np.ndarray, radius: float,
     cells = np.floor(positions / (radius / _CELLS_PER_RADIUS)).astype(np.int64)
     order = np.lexsort(cells.T[::-1])
     cells = cells[order]
-    pos = positions[order]
+    starts = np.flatnonzero(np.r_[True, np.any(cells[1:] != cells[:-1], axis=1)])
+    del cells
+    counts = np.diff(np.r_[starts, n])
+    num_cells = len(starts)
+    xyz = np.ascontiguousarray(positions[order].T)  # [3, N]
+    lo = np.minimum.reduceat(xyz, starts, axis=1)
+    hi = np.maximum.reduceat(xyz, starts, axis=1)
     emb = np.empty((n, dim), np.float64)
     step = max(1, max_pairs // dim)
     for a in range(0, n, step):  # Gather in slices: no full-size float32 temporary.
         emb[a:a + step] = embeddings[order[a:a + step]]
-    starts = np.flatnonzero(np.r_[True, np.any(cells[1:] != cells[:-1], axis=1)])
-    del cells
-    counts = np.diff(np.r_[starts, n])
-    ends = starts + counts
-    lo = np.minimum.reduceat(pos, starts)
-    hi = np.maximum.reduceat(pos, starts)
-    cell_sums = np.add.reduceat(emb, starts)
+    members = sparse.csr_matrix((np.ones(n), np.arange(n), np.r_[starts, n]),
+                                shape=(num_cells, n))
+    cell_sums = members @ emb
+    cell_counts = counts.astype(np.float64)
+    del members
 
     # Two cells can hold a node pair within R only if their bounding-box centres are within
-    # R plus both half-diagonals; the exact test on the boxes follows.
-    centres = (lo + hi) / 2
-    reach = (radius + np.sqrt(_squared_norm(hi - lo)).max()) * (1 + 1e-9) + 1e-6
+    # R plus both half-diagonals; the exact tests on the boxes follow.
+    centres = (lo + hi).T / 2
+    reach = (radius + np.sqrt(((hi - lo) ** 2).sum(0)).max()) * (1 + 1e-9) + 1e-6
     tree = cKDTree(centres)
     cell_pairs = tree.query_ball_point(centres, reach, return_length=True)
 
     for q0, q1 in _ranges(np.maximum(cell_pairs, counts * dim), max_pairs):
+        p0, p1 = starts[q0], starts[q1 - 1] + counts[q1 - 1]
         found = cKDTree(centres[q0:q1]).sparse_distance_matrix(tree, reach, output_type="ndarray")
         q, c = found["i"] + q0, found["j"]
         del found
-        far = _squared_norm(np.maximum(hi[c] - lo[q], hi[q] - lo[c]))
-        near = _squared_norm(np.maximum(np.maximum(lo[c] - hi[q], lo[q] - hi[c]), 0.0))
-        inside = far <= r2
-        straddle = ~inside & (near <= r2)
+        inside = _far2(lo, hi, q, lo, hi, c) <= r2
+        straddle = ~inside & (_near2(lo, hi, q, lo, hi, c) <= r2)
 
-        # Cell pairs entirely within R: add whole cell sums to every node of the query cell.
+        # Cells entirely within R of each other: every node of q gets the sum of cell c.
         within = sparse.csr_matrix((np.ones(inside.sum()), (q[inside] - q0, c[inside])),
-                                   shape=(q1 - q0, len(starts)))
+                                   shape=(q1 - q0, num_cells))
         node_cell = np.repeat(np.arange(q1 - q0), counts[q0:q1])
         sums = (within @ cell_sums)[node_cell]
-        totals = (within @ counts.astype(np.float64))[node_cell]
-        del within
+        totals = (within @ cell_counts)[node_cell]
+        del within, node_cell
 
-        # Straddling cell pairs: test every node pair, a bounded batch at a time.
-        p0, p1 = starts[q0], ends[q1 - 1]
-        sq, sc = q[straddle], c[straddle]
-        sizes = counts[sq] * counts[sc]
+        # Straddling cell pairs: each node of q against the box of c, then node by node.
+        q, c = q[straddle], c[straddle]
+        sizes = counts[q]
         for a, b in _ranges(sizes, max_pairs):
-            i, j = _node_pairs(starts, counts, sq[a:b], sc[a:b], sizes[a:b])
-            hit = _squared_norm(pos[i] - pos[j]) <= r2
-            i, j = i[hit] - p0, j[hit]
-            sums += sparse.csr_matrix((np.ones(len(i)), (i, j)), shape=(p1 - p0, n)) @ emb
-            totals += np.bincount(i, minlength=p1 - p0)
+            run, offset = _runs(sizes[a:b])
+            i, j = starts[q[a:b]].take(run) + offset, c[a:b].take(run)
+            whole = _far2(xyz, xyz, i, lo, hi, j) <= r2
+            part = ~whole & (_near2(xyz, xyz, i, lo, hi, j) <= r2)
+            nodes_cells = sparse.csr_matrix((np.ones(whole.sum()), (i[whole] - p0, j[whole])),
+                                            shape=(p1 - p0, num_cells))
+            sums += nodes_cells @ cell_sums
+            totals += nodes_cells @ cell_counts
+            del nodes_cells
+            i, j = i[part], j[part]
+            part_sizes = counts[j]
+            for e, f in _ranges(part_sizes, max_pairs):
+                run, offset = _runs(part_sizes[e:f])
+                u, v = i[e:f].take(run), starts[j[e:f]].take(run) + offset
+                hit = _node_d2(xyz, u, v) <= r2
+                u, v = u[hit] - p0, v[hit]
+                sums += sparse.csr_matrix((np.ones(len(u)), (u, v)), shape=(p1 - p0, n)) @ emb
+                totals += np.bincount(u, minlength=p1 - p0)
         out[order[p0:p1]] = sums / totals[:, None]
     return out
-
-
-def _node_pairs(starts: np.ndarray, counts: np.ndarray, q_cells: np.ndarray,
-                c_cells: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All (node in query cell, node in other cell) index pairs of the given cell pairs."""
-    pair = np.repeat(np.arange(len(sizes)), sizes)
-    offset = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    width = counts[c_cells][pair]
-    return (starts[q_cells][pair] + offset // width,
-            starts[c_cells][pair] + offset % width)
 
 
 class AggregateEmbeddings(beam.PTransform):
@@ -206,13 +243,10 @@ class _AggregateSegment(beam.DoFn):
         segment_id, records = element
         table = EmbeddingTable.from_records(records)
         positions = table.xyz * self._resolution
-        nodes = table.node_ids.tolist()
-        xyz = table.xyz.tolist()
         self._segments.inc()
-        self._nodes.inc(len(nodes))
+        self._nodes.inc(len(table))
         for radius in self._radii:
-            means = radius_means(positions, table.embeddings, [radius])[radius]
             name = variant_name(radius)
-            for k, node_id in enumerate(nodes):
-                yield beam.pvalue.TaggedOutput(
-                    name, (Point(segment_id, node_id, *xyz[k]), means[k]))
+            means = radius_means(positions, table.embeddings, [radius])[radius]
+            for point, row in zip(table.points(), means):
+                yield beam.pvalue.TaggedOutput(name, (point, row))

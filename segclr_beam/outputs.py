@@ -177,6 +177,15 @@ class EmbeddingTable:
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
+    def points(self) -> Iterator[Point]:
+        """The rows as Points, converted a block at a time."""
+        for a in range(0, len(self), self._BLOCK):
+            b = a + self._BLOCK
+            for segment_id, node_id, (x, y, z) in zip(self.segment_ids[a:b].tolist(),
+                                                      self.node_ids[a:b].tolist(),
+                                                      self.xyz[a:b].tolist()):
+                yield Point(segment_id, node_id, x, y, z)
+
     def take(self, index) -> "EmbeddingTable":
         return EmbeddingTable(self.segment_ids[index], self.node_ids[index], self.xyz[index],
                               self.embeddings[index])
