@@ -1,0 +1,107 @@
+"""Embed a new segmentation version, re-embedding only what changed: `python -m pipelines.reprocess --help`.
+
+Reads the manifest of the previous run (--previous), compares the voxel fingerprints of the new
+segmentation (--segmentation) with it, and writes a complete new output tree at --output; the
+previous run is never modified. Every setting defaults to the previous run's. Settings that
+change embeddings (model, EM, box, skeleton and cutout settings) refuse unless --full; output
+settings (radii, sharding, coordinates, formats, block and batch size) may change. Flags this
+command does not know are Beam pipeline options, as for `python -m pipelines.embed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines import embed
+from segclr_beam.config import ConfigError, EmbedConfig
+from segclr_beam.runner import DataflowGpu
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = embed.build_parser()
+    parser.prog = "segclr-beam reprocess"
+    parser.description = __doc__
+    group = parser.add_argument_group("reprocessing")
+    group.add_argument("--previous", required=True,
+                       help="output root of the previous run (local or gs://); only read")
+    group.add_argument("--full", action="store_true",
+                       help="embed every segment again (required when settings that change "
+                            "embeddings differ from the previous run's)")
+    group.add_argument("--changed-ids",
+                       help="file with the changed and new segment ids of the new version, one "
+                            "per line (e.g. CAVE get_delta_roots new roots); replaces the "
+                            "fingerprint pass, every other previous segment is kept")
+    group.add_argument("--removed-ids",
+                       help="with --changed-ids: file with previous ids that no longer exist "
+                            "(e.g. get_delta_roots old roots)")
+    return parser
+
+
+def _ids(path: str, flag: str) -> list[int]:
+    try:
+        with FileSystems.open(path) as f:
+            return [int(word) for word in f.read().decode().split()]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag}: cannot read segment ids from {path}: {e}") from None
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The EmbedConfig fields given by --config and flags (flags win)."""
+    overrides = {}
+    if args.config:
+        try:
+            with FileSystems.open(args.config) as f:
+                overrides = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config file {args.config}: {e}") from None
+        EmbedConfig.from_dict(overrides, source=args.config)  # names every unknown field
+    for field in dataclasses.fields(EmbedConfig):
+        if getattr(args, field.name, None) is not None:
+            overrides[field.name] = getattr(args, field.name)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    from segclr_beam import reprocess
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("segclr_beam").setLevel(logging.INFO)
+    args, beam_args = build_parser().parse_known_args(argv)
+    gpu = (DataflowGpu(args.gpu_type, args.gpu_count, args.machine_type, args.container_image)
+           if args.gpu_type else None)
+    try:
+        overrides = overrides_from_args(args)
+        for name in ("segmentation", "output"):
+            if not overrides.get(name):
+                raise ConfigError(f"{name}: required (--{name})")
+        if args.removed_ids and not args.changed_ids:
+            raise ConfigError("removed_ids: only with --changed-ids")
+        changed = _ids(args.changed_ids, "--changed-ids") if args.changed_ids else None
+        removed = _ids(args.removed_ids, "--removed-ids") if args.removed_ids else ()
+        summary = reprocess.reprocess(args.previous, overrides, full=args.full,
+                                      changed_ids=changed, removed_ids=removed,
+                                      beam_args=beam_args, gpu=gpu)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"segclr-beam reprocess: {e}")
+    if summary.full:
+        print("embedded every segment again (--full)")
+    else:
+        print(", ".join(f"{count} {name}" for name, count in summary.changes.items())
+              + f"; {summary.segments_embedded} segments re-embedded")
+    counters = summary.run.counters
+    print(f"nodes: {counters.get('nodes_carried', 0)} carried, "
+          f"{counters.get('embeddings_reused', 0)} reused by cutout, "
+          f"{counters.get('embeddings', 0)} embedded; {summary.run.wall_seconds:.1f} s")
+    for name, path in summary.run.outputs.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
