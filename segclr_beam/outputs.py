@@ -48,6 +48,13 @@ def variant_name(radius_nm: float | None) -> str:
     return f"agg{radius_nm:g}nm"
 
 
+def output_variants(radii_nm: Sequence[float], raw: bool = True) -> dict[str, float | None]:
+    """{tree name: aggregation radius or None}: the `variants` argument of WriteEmbeddings."""
+    variants = {variant_name(None): None} if raw else {}
+    variants.update({variant_name(float(r)): float(r) for r in radii_nm})
+    return variants
+
+
 def shard_of(segment_id: int, num_shards: int, bytewidth: int) -> int:
     """Shard of a segment: MD5 of the id as `bytewidth` little-endian bytes, read little-endian."""
     return _digest(segment_id, bytewidth) % num_shards

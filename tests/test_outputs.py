@@ -14,7 +14,7 @@ import pytest
 
 from segclr_beam.aggregate import AggregateEmbeddings
 from segclr_beam.outputs import (CoordinateSystem, EmbeddingTable, WriteEmbeddings, csv_rows,
-                                 shard_of, tfrecord_name)
+                                 output_variants, shard_of, tfrecord_name)
 from segclr_beam.points import Point
 from segclr_beam.reader import EmbeddingReader
 
@@ -22,7 +22,7 @@ RESOLUTION = (32.0, 32.0, 40.0)
 DIM = 8
 SEGMENTS = [864691135591041291, 864691135591041292, 864691134928303015, 7, 123456, 2 ** 40 + 3,
             99, 5000, 864691135000000001]
-VARIANTS = {"raw": None, "agg10um": 10000.0}
+VARIANTS = output_variants([10000.0])
 
 
 def make_records(seed: int = 0, segments=SEGMENTS, dim: int = DIM) -> list:
@@ -73,6 +73,12 @@ def written(tmp_path_factory):
 def test_shard_check_values_from_spec():
     assert shard_of(864691135591041291, num_shards=50000, bytewidth=8) == 7443
     assert shard_of(864691135591041291, num_shards=10000, bytewidth=64) == 885
+
+
+def test_variant_names():
+    assert output_variants((10000, 25000.0)) == {"raw": None, "agg10um": 10000.0,
+                                                 "agg25um": 25000.0}
+    assert output_variants((12500.0,), raw=False) == {"agg12500nm": 12500.0}
 
 
 def test_shard_rejects_ids_that_do_not_fit():
