@@ -53,6 +53,12 @@ def _read(args: argparse.Namespace) -> None:
         raise SystemExit(f"segclr-beam read: {e.args[0]}") from None
 
 
+def _reprocess(args: argparse.Namespace) -> None:
+    from pipelines import reprocess
+
+    reprocess.main(args.forwarded)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segclr-beam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,11 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=None, help="for a tree without info.json")
     p.add_argument("--bytewidth", type=int, default=None, help="for a tree without info.json")
     p.set_defaults(run=_read)
+
+    p = commands.add_parser("reprocess", add_help=False,
+                            help="embed a new segmentation version into a new output tree, "
+                                 "re-embedding only what changed since a previous run "
+                                 "(`segclr-beam reprocess --help` for its options)")
+    p.set_defaults(run=_reprocess, forwarded=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "forwarded"):  # a command with its own parser gets its arguments as given
+        args.forwarded = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.run(args)
 
 
