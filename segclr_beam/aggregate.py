@@ -7,10 +7,10 @@ subcompartment classifiers use these 10 um and 25 um means.
 The exact ball sums are computed on a grid of cells of side R / 6. Pairs of cells that lie
 entirely within R of each other contribute their precomputed cell sums; for pairs that
 straddle the ball boundary each node is tested against the other cell's bounding box, and
-only the node-cell pairs that still straddle it are resolved node by node. Work proceeds in chunks of query
-cells with a bounded number of pairs, so memory stays O(chunk) even for a segment of a
-million nodes (glia, merge errors) where the number of neighbour pairs is in the hundreds
-of millions.
+only the node-cell pairs that still straddle it are resolved node by node. Work proceeds in
+chunks of query cells with a bounded number of pairs, so beyond the O(N x D) arrays of the
+segment itself memory stays O(chunk), even for a segment of a million nodes (glia, merge
+errors) with hundreds of millions of neighbour pairs.
 """
 
 from __future__ import annotations

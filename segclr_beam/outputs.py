@@ -213,8 +213,8 @@ class EmbeddingTable:
         if len(repeated):
             a, b = by_position[repeated[0]], by_position[repeated[0] + 1]
             raise ValueError(f"nodes {table.node_ids[a]} and {table.node_ids[b]} of segment "
-                             f"{table.segment_ids[a]} share the position {tuple(table.xyz[a].tolist())}; "
-                             f"CSV rows must be unique per x, y, z")
+                             f"{table.segment_ids[a]} share the position "
+                             f"{tuple(table.xyz[a].tolist())}; CSV rows must be unique per x, y, z")
         return table
 
     def segments(self) -> Iterator["EmbeddingTable"]:
@@ -250,8 +250,10 @@ def csv_rows(segment: EmbeddingTable, coordinates: CoordinateSystem) -> Iterator
 def write_csv_zip(path: str, table: EmbeddingTable, coordinates: CoordinateSystem) -> None:
     """One shard's ZIP at `path`: a `{segment_id}.csv` member per segment of a sorted table.
 
-    The archive is built in a local temporary file (seekable, so every member header holds
-    its sizes, as in the public releases) and then copied to `path` through FileSystems.
+    The archive is built in a local temporary file (seekable, so each member's local header
+    holds its sizes and CRC instead of a trailing data descriptor, whatever the destination)
+    and then copied to `path` through FileSystems. Members are deflated at zlib's default
+    level, 6.
     """
     with tempfile.TemporaryFile() as local:
         with zipfile.ZipFile(local, "w", compression=zipfile.ZIP_DEFLATED) as archive:
