@@ -211,7 +211,8 @@ class CutoutReader:
             return lambda: (np.zeros(box.shape, np.uint8), np.zeros(box.shape, np.uint8))
         self.stats.bytes_decoded += self._bytes(box)
         self.stats.chunk_bytes_decoded += self.chunk_bytes([box])
-        em, segmentation = self.em.read_async(box), self.segmentation.read_async(box)
+        em = self.em.read_async(box, order="F")
+        segmentation = self.segmentation.read_async(box, order="F")
         return lambda: (em.result(), segmentation.result())
 
 

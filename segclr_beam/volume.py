@@ -78,13 +78,14 @@ class Box:
 class PendingRead:
     """A read in flight; `result()` gives the box as an (x, y, z) array with zeros outside."""
 
-    def __init__(self, box: Box, inside: Box, dtype: np.dtype, future: Any | None):
+    def __init__(self, box: Box, inside: Box, dtype: np.dtype, future: Any | None, order: str):
         self._box, self._inside, self._dtype, self._future = box, inside, dtype, future
+        self._order = order
 
     def result(self) -> np.ndarray:
         if self._inside == self._box:
             return np.asarray(self._future.result())
-        out = np.zeros(self._box.shape, dtype=self._dtype)
+        out = np.zeros(self._box.shape, dtype=self._dtype, order=self._order)
         if self._future is not None:
             out[self._inside.slices(self._box.start)] = self._future.result()
         return out
@@ -112,13 +113,17 @@ class Volume:
             self._store = _xyz_view(ts.open(self.spec, read=True).result(), self.name)
         return self._store
 
-    def read_async(self, box: Box) -> PendingRead:
-        """Start reading `box`; voxels outside the volume come back as zeros."""
+    def read_async(self, box: Box, order: str = "C") -> PendingRead:
+        """Start reading `box`; voxels outside the volume come back as zeros.
+
+        order="F" lays the (x, y, z) array out so that its transpose, (z, y, x) as the
+        model takes it, is C-contiguous without a copy.
+        """
         inside = box.intersect(self.bounds)
         future = None
         if not inside.is_empty():
-            future = self.store[inside.slices()].read()
-        return PendingRead(box, inside, self.dtype, future)
+            future = self.store[inside.slices()].read(order=order)
+        return PendingRead(box, inside, self.dtype, future, order)
 
     def read(self, box: Box) -> np.ndarray:
         return self.read_async(box).result()
