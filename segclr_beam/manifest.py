@@ -445,8 +445,12 @@ def differences(previous: dict, current: dict) -> list[str]:
                       for name in sorted(set(a) | set(b))
                       if name != "chunk_size" and a.get(name) != b.get(name)]
         elif a != b:
-            found.append(f"{key}: previous {json.dumps(a)}, now {json.dumps(b)}")
+            found.append(f"{key}: previous {_shown(a)}, now {_shown(b)}")
     return found
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 class RecordManifest(beam.PTransform):

@@ -1,0 +1,253 @@
+"""Reprocessing a new segmentation version equals a full run on it, doing only the changed work."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorstore as ts
+
+from segclr_beam import manifest, model, pipeline, reprocess, synth
+from segclr_beam.config import ConfigError, EmbedConfig
+from segclr_beam.reader import EmbeddingReader
+from segclr_beam.volume import open_volume
+
+SHAPE = (96, 96, 64)
+VARIANTS = ("raw", "agg10um", "agg25um")
+
+
+@dataclasses.dataclass
+class Edits:
+    """Version 2 of the synthetic segmentation and the fate of each version-1 segment."""
+
+    segmentation: str
+    unchanged: list[int]
+    relabelled: dict[int, int]  # version-1 id -> version-2 id
+    changed: list[int]
+    new: list[int]
+    removed: list[int]
+
+
+def _touching(labels: np.ndarray, a: int, b: int) -> bool:
+    mask = labels == a
+    other = labels == b
+    return any((np.roll(mask, shift, axis) & other).any() for axis in range(3) for shift in (1, -1))
+
+
+def _version2(labels: np.ndarray, classes: dict[int, str], v1_dir: Path, out: Path) -> Edits:
+    """Merge two touching neurites, split one, take voxels from one, add voxels to one, relabel
+    one and remove one; write the result as a copy of the version-1 segmentation volume."""
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
+    size = dict(zip(ids.tolist(), counts.tolist()))
+    neurites = sorted((i for i in size if classes[i] != "glia"), key=lambda i: (size[i], i))
+    keep, gone = next((a, b) for k, a in enumerate(neurites) for b in neurites[k + 1:]
+                      if _touching(labels, a, b))
+    rest = [i for i in neurites if i not in (keep, gone)]
+    split, shrunk, grown, relabelled, removed = rest[-1], rest[-2], rest[-3], rest[0], rest[1]
+    piece, new_label = 1001, 1002
+
+    v2 = labels.copy()
+    v2[labels == gone] = keep
+    xs = np.nonzero(labels == split)[0]
+    v2[(labels == split) & (np.arange(labels.shape[0])[:, None, None] < np.median(xs))] = piece
+    at = np.argwhere(labels == shrunk)[size[shrunk] // 2]  # a ball of voxels taken away
+    ball = tuple(slice(max(0, v - 3), v + 3) for v in at)
+    v2[ball][v2[ball] == shrunk] = 0
+    border = (labels == 0) & np.logical_or.reduce(  # background voxels next to `grown`
+        [np.roll(labels == grown, s, a) for a in range(3) for s in (1, -1)])
+    near = np.zeros(labels.shape, bool)  # those in one small box join it
+    near[tuple(slice(max(0, v - 4), v + 4) for v in np.argwhere(border)[0])] = True
+    v2[border & near] = grown
+    v2[labels == relabelled] = new_label
+    v2[labels == removed] = 0
+
+    shutil.copytree(v1_dir, out)
+    store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{out}/"},
+                    write=True).result()
+    store[..., 0].write(v2).result()
+    touched = {keep, gone, split, shrunk, grown, relabelled, removed}
+    return Edits(str(out), sorted(set(size) - touched), {relabelled: new_label},
+                 sorted([keep, split, shrunk, grown]), [piece], sorted([gone, removed]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Version 1 run in full, version 2 in full, and version 2 reprocessed from version 1."""
+    root = tmp_path_factory.mktemp("reprocess")
+    dataset = synth.write_dataset(root / "v1", shape=SHAPE, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights, on purpose
+        model.export_saved_model(str(root / "model"), model.Architecture(
+            widths=(4, 8, 8, 16), input_size=33, bottleneck_width=16, embedding_dim=8))
+    segmentation = open_volume(dataset.segmentation, "segmentation", synth.RESOLUTION)
+    edits = _version2(segmentation.read(segmentation.bounds), dataset.classes,
+                      Path(dataset.segmentation), root / "v2")
+
+    def config(segmentation: str, output: str) -> EmbedConfig:
+        return EmbedConfig(em=dataset.em, segmentation=segmentation, model=str(root / "model"),
+                           output=output, resolution=synth.RESOLUTION, chunk_size=64,
+                           cutout_size=33, batch_size=8, num_shards=8, formats=("csv_zip",))
+
+    full1 = str(root / "full1")
+    pipeline.run(config(dataset.segmentation, full1))
+    before = _digests(full1)
+    full2 = str(root / "full2")
+    full_summary = pipeline.run(config(edits.segmentation, full2))
+    reprocessed = str(root / "reprocessed")
+    summary = reprocess.reprocess(full1, {"segmentation": edits.segmentation,
+                                          "output": reprocessed})
+    return dict(root=root, edits=edits, full1=full1, full2=full2, reprocessed=reprocessed,
+                summary=summary, full_summary=full_summary, before=before, config=config)
+
+
+def _digests(root: str) -> dict[str, str]:
+    """sha256 of every file under `root`, run.json aside (it records the run)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != "run.json"}
+
+
+def _segments(tree: str) -> dict[int, object]:
+    return {s.segment_id: s for s in EmbeddingReader(tree)}
+
+
+def test_reprocess_equals_full_run(runs):
+    for variant in VARIANTS:
+        full = _segments(f"{runs['full2']}/{variant}")
+        again = _segments(f"{runs['reprocessed']}/{variant}")
+        assert sorted(again) == sorted(full), variant
+        for segment_id, expected in full.items():
+            found = again[segment_id]
+            np.testing.assert_array_equal(found.node_ids, expected.node_ids)
+            np.testing.assert_array_equal(found.xyz, expected.xyz)
+            np.testing.assert_array_equal(found.embeddings, expected.embeddings)
+    # Beyond the reader: every file but run.json is byte for byte the full run's.
+    assert _digests(runs["reprocessed"]) == _digests(runs["full2"])
+    assert _digests(runs["full1"]) == runs["before"], "the previous run was modified"
+
+
+def test_classification_and_only_changed_work(runs):
+    edits, summary = runs["edits"], runs["summary"]
+    assert summary.changes == {"unchanged": len(edits.unchanged), "relabelled": 1,
+                               "changed": len(edits.changed), "new": len(edits.new),
+                               "removed": len(edits.removed)}
+    nodes = {s.segment_id: len(s) for s in EmbeddingReader(f"{runs['full2']}/raw")}
+    fresh = sum(nodes.get(i, 0) for i in edits.changed + edits.new)
+    kept = sum(nodes.get(i, 0) for i in edits.unchanged + list(edits.relabelled.values()))
+    counters = summary.run.counters
+    assert counters["nodes_carried"] == kept > 0
+    assert counters["embeddings"] == fresh - counters.get("embeddings_reused", 0)
+    assert counters["embeddings"] < runs["full_summary"].counters["embeddings"]
+    assert counters["cutouts_emitted"] == fresh
+
+
+def test_reprocess_twice_gives_identical_files(runs, tmp_path):
+    again = str(tmp_path / "again")
+    reprocess.reprocess(runs["full1"], {"segmentation": runs["edits"].segmentation,
+                                        "output": again})
+    assert _digests(again) == _digests(runs["reprocessed"])
+    records = [json.loads(Path(root, "run.json").read_text()) for root in
+               (again, runs["reprocessed"])]
+    for record in records:
+        record["config"].pop("output")
+    assert records[0] == records[1]
+
+
+def test_changed_ids_replace_the_fingerprint_pass(runs, tmp_path):
+    edits = runs["edits"]
+    (old, new), = edits.relabelled.items()  # ids from a proofreading log: a relabel is new
+    out = str(tmp_path / "by_ids")
+    summary = reprocess.reprocess(
+        runs["full1"], {"segmentation": edits.segmentation, "output": out},
+        changed_ids=edits.changed + edits.new + [new], removed_ids=edits.removed + [old])
+    assert _digests(out) == _digests(runs["full2"])
+    assert summary.changes["new"] == len(edits.new) + 1
+    assert summary.changes["removed"] == len(edits.removed) + 1
+
+
+def test_missing_or_corrupt_manifest(runs, tmp_path):
+    target = {"segmentation": runs["edits"].segmentation, "output": str(tmp_path / "out")}
+    with pytest.raises(manifest.ManifestError, match="manifest/manifest.json: missing"):
+        reprocess.reprocess(str(tmp_path), target)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["full1"], broken)
+    info = broken / "manifest" / "manifest.json"
+    text = info.read_text()
+    info.write_text(text[:len(text) // 2])
+    with pytest.raises(manifest.ManifestError, match=re.escape(f"{info}: corrupt manifest")):
+        reprocess.reprocess(str(broken), target)
+
+    info.write_text(text)
+    shard = sorted((broken / "manifest" / "nodes").iterdir())[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10])
+    with pytest.raises(manifest.ManifestError,
+                       match=re.escape(f"{shard}: {len(data) - 10} bytes")):
+        reprocess.reprocess(str(broken), target)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    file, = (f for f in manifest.Manifest.open(str(broken)).files(manifest.NODES)
+             if f.name == shard.name)
+    with pytest.raises(manifest.ManifestError, match=re.escape(f"{shard}: corrupt")):
+        manifest.read_table_file(str(shard), file)
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_changed_parameters_refuse_unless_full(runs, tmp_path):
+    target = {"segmentation": runs["edits"].segmentation, "output": str(tmp_path / "out")}
+    with pytest.raises(ConfigError, match=r"spacing_nm: previous 1500.0, now 3000.0.*--full"):
+        reprocess.reprocess(runs["full1"], {**target, "spacing_nm": 3000.0})
+    with pytest.raises(ConfigError, match="chunk_size: previous 64, now 32"):
+        reprocess.reprocess(runs["full1"], {**target, "chunk_size": 32})
+    with pytest.raises(ConfigError, match="output: .* is the previous run"):
+        reprocess.reprocess(runs["full1"], {**target, "output": runs["full1"] + "/"})
+    summary = reprocess.reprocess(runs["full1"], {**target, "spacing_nm": 3000.0}, full=True)
+    assert summary.full and summary.run.counters["embeddings"] > 0
+    recorded = manifest.Manifest.open(target["output"]).parameters
+    assert recorded["skeleton"]["spacing_nm"] == 3000.0
+
+
+def test_cli_reports_a_missing_manifest(tmp_path):
+    from pipelines import reprocess as command
+
+    with pytest.raises(SystemExit, match="manifest.json: missing"):
+        command.main(["--previous", str(tmp_path), "--segmentation", str(tmp_path),
+                      "--output", str(tmp_path / "out")])
+
+
+def test_fingerprints_follow_voxels_not_ids():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=(20, 12, 10)).astype(np.uint64) << np.uint64(62)
+    top = int(labels.max())
+    digests = manifest.chunk_digests(labels, (0, 0, 0))
+    relabelled = np.where(labels == top, np.uint64(7), labels)
+    assert manifest.chunk_digests(relabelled, (0, 0, 0))[7] == digests[top]
+    assert manifest.chunk_digests(labels, (1, 0, 0))[top] != digests[top]
+    edited = labels.copy()
+    edited[0, 0, 0] = top if labels[0, 0, 0] != top else 0
+    assert manifest.chunk_digests(edited, (0, 0, 0))[top] != digests[top]
+    assert digests[top][1] == int((labels == top).sum())
+    # Sorting in slabs gives the digest of the whole chunk at once.
+    whole = hashlib.blake2b(np.asarray([0, 0, 0, *labels.shape], "<i8").tobytes(),
+                            digest_size=manifest.DIGEST_SIZE)
+    whole.update(np.flatnonzero(labels.reshape(-1) == top).astype("<u4"))
+    assert digests[top][0] == whole.digest()
+
+
+def test_only_binding_parameters_block_reuse():
+    previous = {"model": {"model_id": "a", "weights": "x"}, "cutout_size": 33,
+                "skeleton": {"spacing_nm": 1500.0, "min_voxels": 1000}, "radii_nm": [1.0]}
+    same = {**previous, "model": {"model_id": "a", "weights": "moved"}, "radii_nm": [2.0]}
+    assert manifest.differences(previous, same) == []
+    other = {**previous, "model": {"model_id": "b"},
+             "skeleton": {"spacing_nm": 1500.0, "min_voxels": 10}}
+    assert manifest.differences(previous, other) == [
+        "model: previous a, now b", "min_voxels: previous 1000, now 10"]
