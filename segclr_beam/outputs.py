@@ -32,7 +32,6 @@ FORMAT_VERSION = 1
 INFO_NAME = "info.json"
 FORMATS = ("csv_zip", "tfrecord")
 MICRONS_OFFSET_NM = (110592.0, 110592.0, 592640.0)
-_INT64_MAX = (1 << 63) - 1
 # Fixed member metadata keeps ZIP bytes independent of the clock and the host.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _ZIP_UNIX = 3
@@ -286,7 +285,8 @@ def write_tfrecord(path: str, table: EmbeddingTable, radius_nm: float | None,
     from tensorflow.core.example import example_pb2  # The writer's only use of TensorFlow.
 
     compression = CompressionTypes.GZIP if gzip else CompressionTypes.UNCOMPRESSED
-    segments = table.segment_ids.tolist()
+    # Example has no unsigned integers: ids at or above 2**63 keep their 64 bits as int64.
+    segments = table.segment_ids.astype(np.uint64).view(np.int64).tolist()
     nodes = table.node_ids.tolist()
     centers = table.xyz.tolist()
     with FileSystems.create(path, compression_type=compression) as out:
@@ -413,9 +413,6 @@ class _KeyByShard(beam.DoFn):
             if fmt == "csv_zip":
                 yield (self._variant, fmt, digest % self._options.num_shards), record
             else:
-                if point.segment_id > _INT64_MAX:
-                    raise ValueError(f"segment id {point.segment_id} does not fit the int64 "
-                                     f"skeleton_id of a TFRecord Example")
                 yield (self._variant, fmt, digest % self._options.tfrecord_shards), record
 
 
@@ -579,6 +576,7 @@ class _Finalize(beam.DoFn):
                                        o.tfrecord_gzip),
                 "prefix": o.tfrecord_prefix, "num_shards": o.tfrecord_shards,
                 "compression": "gzip" if o.tfrecord_gzip else "none",
+                "skeleton_id": "uint64 segment id stored bit for bit as int64",
                 "sharding": "shard of the segment with num_shards = tfrecord num_shards"}
         return info
 

@@ -33,9 +33,34 @@ class FakeGcs:
         return f"gs://{self.bucket}/{prefix}"
 
 
+def _send_generation(download):
+    """The emulator's media download plus the x-goog-generation header that real GCS sends.
+
+    TensorStore tells object versions apart by it; without it, concurrent reads of one
+    object fail with "Malformed StorageGeneration".
+    """
+
+    def handler(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status.value == 200:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+
+    return handler
+
+
 @pytest.fixture(scope="session")
 def gcs() -> FakeGcs:
+    from gcp_storage_emulator import server as emulator
     from gcp_storage_emulator.server import create_server
+
+    download = emulator.objects.download
+    patched = _send_generation(download)
+    emulator.objects.download = patched  # the JSON API's "get ?alt=media" calls it by name
+    for _, handlers in emulator.HANDLERS:
+        for method, handler in handlers.items():
+            if handler is download:
+                handlers[method] = patched
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +72,11 @@ def gcs() -> FakeGcs:
            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token", "GOOGLE_CLOUD_PROJECT": "test"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # Beam looks for default credentials with retries and backoff (about 20 s) before it
+    # connects anonymously, which is what the emulator wants: go anonymous at once.
+    from apache_beam.internal.gcp import auth
+
+    auth._Credentials._credentials_init, auth._Credentials._credentials = True, None
     try:
         yield FakeGcs(url, GCS_BUCKET)
     finally:
@@ -65,3 +95,16 @@ def synthetic_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synthetic") / "dataset"
     return synth.write_dataset(root, shape=(192, 192, 128), seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> str:
+    """A SavedModel of a narrow SegCLR network on 33^3 cutouts (random weights)."""
+    from segclr_beam import model
+
+    path = str(tmp_path_factory.mktemp("models") / "small")
+    arch = model.Architecture(widths=(4, 8, 8, 16), input_size=33, bottleneck_width=16,
+                              embedding_dim=8)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        model.export_saved_model(path, arch, seed=1)
+    return path
