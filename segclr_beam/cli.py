@@ -53,6 +53,45 @@ def _read(args: argparse.Namespace) -> None:
         raise SystemExit(f"segclr-beam read: {e.args[0]}") from None
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    """Comma-separated integers, or @FILE naming a file with one per line."""
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = ",".join(line.strip() for line in f if line.strip())
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text[:80]!r}")
+
+
+def _points(args: argparse.Namespace) -> None:
+    import apache_beam as beam
+
+    from segclr_beam import points, runner, skeleton, volume
+
+    try:
+        if args.source:
+            source = points.ReadPoints(args.source, args.segments, args.resolution,
+                                       args.spacing_nm)
+        else:
+            if args.bbox is not None and len(args.bbox) != 6:
+                raise ValueError(f"--bbox: expected x0,y0,z0,x1,y1,z1, got {args.bbox}")
+            segmentation = volume.open_volume(args.segmentation, "segmentation", args.resolution)
+            bbox = volume.Box(args.bbox[:3], args.bbox[3:]) if args.bbox else None
+            options = skeleton.SkeletonOptions(chunk_size=args.chunk_size,
+                                               min_voxels=args.min_voxels,
+                                               spacing_nm=args.spacing_nm)
+            source = skeleton.SkeletonizeSegments(segmentation, bbox, options, args.segments,
+                                                  args.skeletons)
+        write = points.WritePoints(args.out, args.num_shards)
+        options = runner.pipeline_options(args.forwarded)
+    except ValueError as e:
+        raise SystemExit(f"segclr-beam points: {e}") from None
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | "Points" >> source | "Write" >> write
+    print("\n".join(points.shard_paths(args.out, args.num_shards)))
+
+
 def _reprocess(args: argparse.Namespace) -> None:
     from pipelines import reprocess
 
@@ -90,6 +129,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=None, help="for a tree without info.json")
     p.add_argument("--bytewidth", type=int, default=None, help="for a tree without info.json")
     p.set_defaults(run=_read)
+
+    p = commands.add_parser(
+        "points", help="write the sample points of a run as Avro: from chunked skeletons of a "
+        "segmentation, or from precomputed skeletons or a points table; other flags go to Beam")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--segmentation", help="segmentation volume to skeletonize (TensorStore "
+                        "spec, JSON file or URL)")
+    source.add_argument("--from", dest="source", help="precomputed skeleton directory, or glob "
+                        "of CSV / Avro tables with segment_id,x,y,z[,node_id]")
+    p.add_argument("--out", required=True, help="points file, e.g. OUT/points.avro (or gs://)")
+    p.add_argument("--resolution", type=lambda t: _triple(t, float),
+                   default=(32.0, 32.0, 33.0), help="X,Y,Z nm of the voxels the points are in")
+    p.add_argument("--bbox", type=_ints, default=None, help="x0,y0,z0,x1,y1,z1 voxels")
+    p.add_argument("--chunk-size", type=int, default=512, help="skeletonization chunk edge")
+    p.add_argument("--min-voxels", type=int, default=1000, help="smaller segments get no points")
+    p.add_argument("--spacing-nm", type=float, default=1500.0, help="path length between points")
+    p.add_argument("--segments", type=_ints, default=None,
+                   help="only these segment ids: ID,ID,... or @FILE with one per line")
+    p.add_argument("--skeletons", default=None,
+                   help="also write the merged skeletons here (precomputed, for Neuroglancer)")
+    p.add_argument("--num-shards", type=int, default=1, help="points files")
+    p.set_defaults(run=_points, forwarded=[])
 
     p = commands.add_parser("reprocess", add_help=False,
                             help="embed a new segmentation version into a new output tree, "

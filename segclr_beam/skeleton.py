@@ -3,7 +3,9 @@ sampled along the merged skeleton every `spacing_nm` of path length.
 
 Chunks share one voxel plane with their upper neighbours. kimimaro's `fix_borders` puts a
 skeleton endpoint at the same place of a shared plane in both chunks, so the fragments of a
-segment meet at identical vertices and merge by consolidation, as in igneous.
+segment meet at identical vertices and merge by consolidation, as in igneous. The merged
+skeleton is then traced once more with TEASAR's rule on its own graph (`retrace`), which
+removes the loops and parallel paths that chunk borders force, and cleaned of dust and ticks.
 
 Skeletons are handled in nanometres with voxel i at i * resolution (kimimaro's convention);
 precomputed skeleton files put vertices at voxel centres, (i + 0.5) * resolution, as
@@ -80,8 +82,9 @@ class SkeletonOptions:
     min_voxels: segments with fewer voxels (summed over all chunks) get no points.
     dust_nm: skeleton pieces of less cable than this are dropped (the longest piece stays).
     tick_nm: branches from a branch point to an end shorter than this are cut.
-    postprocess_max_vertices: larger merged skeletons (glia, mergers) are only consolidated;
-      dust, loop and tick removal grow quadratically on them.
+    postprocess_max_vertices: larger merged skeletons (huge glia, merged objects) are only
+      consolidated, not cleaned: the cleaning walks the graph in Python, which would take
+      minutes and gigabytes on them.
     """
 
     chunk_size: tuple[int, int, int] = (512, 512, 512)
@@ -164,7 +167,9 @@ def skeletonize_chunk(
     object_ids = None
     if segment_ids is not None:
         voxels = {i: c for i, c in voxels.items() if i in segment_ids}
-        object_ids = sorted(int(i) for i in segment_ids)
+        object_ids = [int(i) for i in fastremap.unique(labels) if int(i) in segment_ids]
+        if not object_ids:
+            return {}, voxels
     resolution = np.asarray(resolution, dtype=np.float32)
     skeletons = kimimaro.skeletonize(
         labels,
@@ -240,7 +245,7 @@ def retrace(skeleton: Skeleton, teasar: TeasarParams = TeasarParams()) -> Skelet
     lengths = np.linalg.norm(vertices[a] - vertices[b], axis=1)
     graph = scipy.sparse.coo_matrix((np.r_[lengths, lengths], (np.r_[a, b], np.r_[b, a])),
                                     shape=(n, n)).tocsr()
-    pieces, piece = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    _, piece = scipy.sparse.csgraph.connected_components(graph, directed=False)
     radius = skeleton.radius.astype(np.float64)
     thickest = np.lexsort((np.arange(n), -radius, piece))
     thickest = thickest[np.r_[True, np.diff(piece[thickest]) != 0]]  # one per piece
@@ -421,8 +426,8 @@ class SkeletonizeSegments(beam.PTransform):
                  options: SkeletonOptions = SkeletonOptions(),
                  segment_ids: Collection[int] | None = None, skeleton_dir: str | None = None):
         super().__init__()
-        self._chunks = plan_chunks(bbox or segmentation.bounds, options.chunk_size,
-                                   segmentation.bounds)
+        bbox = segmentation.bounds if bbox is None else bbox
+        self._chunks = plan_chunks(bbox, options.chunk_size, segmentation.bounds)
         self._segmentation, self._options = segmentation, options
         self._segment_ids = None if segment_ids is None else frozenset(map(int, segment_ids))
         self._skeleton_dir = skeleton_dir

@@ -263,3 +263,15 @@ def test_points_and_skeletons_on_gcs(gcs, tmp_path):
     assert read_points(out) == expected
     again = through_beam(tmp_path, ReadPoints(out, segment_ids=[5]))
     assert again == expected_y_points(5)
+
+
+def test_points_command(tmp_path, capsys):
+    from segclr_beam import cli
+
+    write_unsharded(tmp_path / "skeletons", SEGMENTS)
+    out = str(tmp_path / "points.avro")
+    cli.main(["points", "--from", str(tmp_path / "skeletons"), "--out", out, "--segments", "5"])
+    assert read_points(out) == expected_y_points(5)
+    assert capsys.readouterr().out.strip() == out
+    with pytest.raises(SystemExit, match="segclr-beam points: .*none-.*: no points table matches"):
+        cli.main(["points", "--from", str(tmp_path / "none-*.csv"), "--out", out])

@@ -154,7 +154,7 @@ def test_consecutive_points_are_spaced_as_asked(chunked):
 def test_two_runs_give_identical_points(chunked, segmentation, tmp_path):
     """A rerun, on two worker processes this time, writes the same bytes."""
     again = run(segmentation, tmp_path, skeletons=False, beam_options=PipelineOptions(
-        direct_num_workers=2, direct_running_mode="multi_processing"))
+        [], direct_num_workers=2, direct_running_mode="multi_processing"))
     with open(chunked[0], "rb") as f, open(again, "rb") as g:
         assert f.read() == g.read()
 
