@@ -252,8 +252,9 @@ def test_skeleton_source_errors(tmp_path):
 
 
 def test_points_and_skeletons_on_gcs(gcs, tmp_path):
-    # Sharded skeletons are read through TensorStore, whose conditional byte-range reads the
-    # GCS emulator does not support (no object generation on reads): they are tested locally.
+    # Sharded skeletons are read with ranged reads, for which the emulator (as patched in
+    # conftest) sends no object generation, so TensorStore refuses them: they are tested
+    # locally only.
     write_unsharded(tmp_path / "local" / "unsharded", SEGMENTS)
     root = gcs.upload_dir(tmp_path / "local", "skeletons")
     out = f"gs://{gcs.bucket}/run/points.avro"
