@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = pipeline.run(config_from_args(args), beam_args, gpu)
     except (ConfigError, ValueError) as e:
         sys.exit(f"segclr-beam embed: {e}")
+    if not summary.counters:
+        print(f"submitted: {summary.result}")
     for name, path in summary.outputs.items():
         print(f"{name}: {path}")
 

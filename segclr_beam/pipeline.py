@@ -16,19 +16,21 @@ from typing import Any, Collection
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import StandardOptions
 
 from segclr_beam import (aggregate, cutouts, inference, manifest, model, outputs, points,
                          skeleton)
 from segclr_beam.config import ConfigError, EmbedConfig
-from segclr_beam.runner import pipeline_options
+from segclr_beam.runner import LOCAL_RUNNER, pipeline_options
 from segclr_beam.volume import Box, Volume, VolumeError, open_volumes
 
 POINTS_FILE = "points.avro"
 RUN_FILE = "run.json"
 RAW = "raw"
-# Top-level step names, in data-flow order; the run summary reports time per step.
 _LOG = logging.getLogger(__name__)
-STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write", "Manifest")
+# Top-level step names, in data-flow order; the run summary reports time per step.
+STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write", "Manifest",
+          "Record")
 
 
 @dataclasses.dataclass
@@ -45,6 +47,11 @@ class Job:
     @property
     def variants(self) -> dict[str, float | None]:
         return {RAW: None, **{outputs.variant_name(r): float(r) for r in self.config.radii_nm}}
+
+    @property
+    def trees(self) -> dict[str, str]:
+        """Output tree path of each variant."""
+        return {name: _join(self.config.output, name) for name in self.variants}
 
     def provenance(self) -> dict[str, Any]:
         return {"em": self.em.spec, "segmentation": self.segmentation.spec,
@@ -147,8 +154,8 @@ def make_points(pipeline: beam.Pipeline, job: Job,
 
 
 def write_results(job: Job, sample_points: beam.PCollection,
-                  embeddings: beam.PCollection) -> None:
-    """The points table, the radius means and every output tree of the job."""
+                  embeddings: beam.PCollection) -> beam.PCollection:
+    """The points table, the radius means and every output tree; returns the info paths."""
     config = job.config
     _ = sample_points | "WritePoints" >> points.WritePoints(_join(config.output, POINTS_FILE))
     aggregated = embeddings | "Aggregate" >> aggregate.AggregateEmbeddings(
@@ -156,10 +163,20 @@ def write_results(job: Job, sample_points: beam.PCollection,
     coordinates = (outputs.CoordinateSystem.voxels(job.em.resolution)
                    if config.coordinates == "voxels" else
                    outputs.CoordinateSystem.nanometres(job.em.resolution, config.offset_nm))
-    _ = {RAW: embeddings, **aggregated} | "Write" >> outputs.WriteEmbeddings(
+    return {RAW: embeddings, **aggregated} | "Write" >> outputs.WriteEmbeddings(
         config.output, job.variants, coordinates=coordinates, num_shards=config.num_shards,
         bytewidth=config.bytewidth, formats=config.formats, volumes=job.provenance(),
         model=job.model)
+
+
+def _write_record(_, job: Job) -> str:
+    """run.json: what produced the outputs. Written last, so its presence marks a whole run."""
+    config = {k: v for k, v in json.loads(job.config.to_json()).items() if k != "overwrite"}
+    record = {"config": config, "model": job.model, "volumes": job.provenance()}
+    path = _join(job.config.output, RUN_FILE)
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+    return path
 
 
 def build(pipeline: beam.Pipeline, job: Job) -> None:
@@ -172,15 +189,23 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         masked
         | "Embed" >> inference.Embed(job.model_dir, config.batch_size)
         | "Progress" >> beam.ParDo(_Progress("embedded cutouts")))
-    write_results(job, sample_points, embeddings)
-    _ = ({"cutouts": masked, "embeddings": embeddings}
-         | "Manifest" >> manifest.RecordManifest(job, skeleton_options(config)))
+    trees = write_results(job, sample_points, embeddings)
+    recorded = ({"cutouts": masked, "embeddings": embeddings}
+                | "Manifest" >> manifest.RecordManifest(job, skeleton_options(config)))
+    _ = ((trees, recorded)
+         | "Done" >> beam.Flatten()
+         | "AllWritten" >> beam.combiners.ToList()
+         | "Record" >> beam.Map(_write_record, job))
 
 
 @dataclasses.dataclass
 class RunSummary:
-    """What a finished run did: counters, seconds per stage, where the outputs are."""
+    """What a run did: counters, seconds per stage, where the outputs are.
 
+    For a job submitted to a remote runner only `result` and `outputs` are known.
+    """
+
+    result: Any            # Beam's PipelineResult
     counters: dict[str, int]
     seconds: dict[str, float]
     wall_seconds: float
@@ -197,22 +222,18 @@ def _summarize(result, job: Job, wall: float) -> RunSummary:
             stage = m.key.step.split("/")[0]
             if stage in seconds:
                 seconds[stage] += m.committed / 1000.0
-    trees = {name: _join(job.config.output, name) for name in job.variants}
-    return RunSummary(counters, seconds, wall, trees, job.model)
+    return RunSummary(result, counters, seconds, wall, job.trees, job.model)
 
 
 def run(config: EmbedConfig, beam_args: list[str] | None = None, gpu=None) -> RunSummary:
-    """Run the whole job and write its record (run.json) once every output is in place."""
+    """Check, build and run the job. Locally it waits and reports; elsewhere it submits."""
     job = prepare(config)
     options = pipeline_options(beam_args or [], gpu)
     start = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
     result = pipeline.run()
+    if options.view_as(StandardOptions).runner != LOCAL_RUNNER:
+        return RunSummary(result, {}, {}, 0.0, job.trees, job.model)
     result.wait_until_finish()
-    summary = _summarize(result, job, time.monotonic() - start)
-    record = {"config": json.loads(config.to_json()), "model": job.model,
-              "volumes": job.provenance(), "counters": summary.counters}
-    with FileSystems.create(_join(config.output, RUN_FILE)) as f:
-        f.write(json.dumps(record, indent=2, sort_keys=True).encode())
-    return summary
+    return _summarize(result, job, time.monotonic() - start)

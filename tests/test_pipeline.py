@@ -142,3 +142,29 @@ def test_bad_configuration_fails_before_any_work(change, message, synthetic_data
     with pytest.raises(ConfigError, match=message):
         pipeline.run(config)
     assert not os.path.exists(tmp_path / "out" / pipeline.POINTS_FILE)
+
+
+def test_dataflow_translation_with_gpu_workers(synthetic_dataset, small_model, tmp_path):
+    from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, WorkerOptions
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    from segclr_beam.runner import DataflowGpu
+
+    image = "us-docker.pkg.dev/segclr-test/images/segclr-beam:1"
+    beam_args = ["--runner=DataflowRunner", "--dry_run=True", "--project=segclr-test",
+                 "--region=us-central1", "--temp_location=gs://segclr-test/tmp"]
+    summary = pipeline.run(_config(synthetic_dataset, small_model, tmp_path / "out"), beam_args,
+                           DataflowGpu("nvidia-l4", 1, "g2-standard-8", image))
+    job = summary.result.job
+    assert job.options.view_as(GoogleCloudOptions).dataflow_service_options == [
+        "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"]
+    assert {"no_use_multiple_sdk_containers", "use_runner_v2"} <= set(
+        job.options.view_as(DebugOptions).experiments)
+    assert job.options.view_as(WorkerOptions).machine_type == "g2-standard-8"
+    environments = job.proto_pipeline.components.environments.values()
+    images = {beam_runner_api_pb2.DockerPayload.FromString(e.payload).container_image
+              for e in environments if e.urn == "beam:env:docker:v1"}
+    assert images == {image}
+    names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+    assert set(pipeline.STAGES) <= names
+    assert not os.path.exists(tmp_path / "out" / pipeline.POINTS_FILE)
