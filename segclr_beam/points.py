@@ -46,7 +46,7 @@ class Point(NamedTuple):
 
 
 class PointsError(ValueError):
-    """A points table cannot be read; the message names the file and the line or record."""
+    """A points source cannot be read; the message names the file (and line or record)."""
 
 
 AVRO_SCHEMA = fastavro.parse_schema({
@@ -167,13 +167,14 @@ class SkeletonSource:
             with FileSystems.open(info_path) as f:
                 info = json.loads(f.read())
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a precomputed skeleton directory ({info_path}: {e})")
+            raise PointsError(f"{path}: not a precomputed skeleton directory "
+                              f"({info_path}: {e})") from None
         if info.get("@type") != "neuroglancer_skeletons":
-            raise ValueError(f"{info_path}: @type is {info.get('@type')!r}, "
-                             "expected 'neuroglancer_skeletons'")
+            raise PointsError(f"{info_path}: @type is {info.get('@type')!r}, "
+                              "expected 'neuroglancer_skeletons'")
         sharding = info.get("sharding")
         if sharding is not None and sharding.get("@type") != "neuroglancer_uint64_sharded_v1":
-            raise ValueError(f"{info_path}: unknown sharding {sharding.get('@type')!r}")
+            raise PointsError(f"{info_path}: unknown sharding {sharding.get('@type')!r}")
         return cls(path, info)
 
     @property
@@ -232,8 +233,8 @@ class SkeletonSource:
             expected = f"{size} or {size + extra}"
         else:
             expected = "at least 8"
-        raise ValueError(f"{self.path}: skeleton of segment {segment_id} has {len(data)} bytes, "
-                         f"expected {expected}")
+        raise PointsError(f"{self.path}: skeleton of segment {segment_id} has {len(data)} "
+                          f"bytes, expected {expected}")
 
 
 # Tables and Avro files ---------------------------------------------------------------------

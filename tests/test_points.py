@@ -247,7 +247,7 @@ def test_skeleton_source_errors(tmp_path):
         through_beam(tmp_path, ReadPoints(str(tmp_path / "skeletons"), resolution=RESOLUTION))
     (tmp_path / "image").mkdir()
     (tmp_path / "image" / "info").write_text(json.dumps({"type": "image", "scales": []}))
-    with pytest.raises(ValueError, match="expected 'neuroglancer_skeletons'"):
+    with pytest.raises(PointsError, match="expected 'neuroglancer_skeletons'"):
         ReadPoints(str(tmp_path / "image"), resolution=RESOLUTION)
 
 

@@ -15,9 +15,9 @@ import scipy.sparse.csgraph
 import tensorstore as ts
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from segclr_beam.points import SkeletonSource, WritePoints, read_points
-from segclr_beam.skeleton import (OVERLAP, SkeletonOptions, SkeletonizeSegments, clean_skeleton,
-                                  merge_fragments, plan_chunks, skeletonize_chunk)
+from segclr_beam.points import SkeletonSource, WritePoints, read_points, skeleton_points
+from segclr_beam.skeleton import (OVERLAP, Fragment, SkeletonOptions, SkeletonizeSegments,
+                                  clean_skeleton, merge_fragments, plan_chunks, skeletonize_chunk)
 from segclr_beam.volume import Box, VolumeError, open_volume
 
 # Small enough that most synthetic segments (192 x 192 x 128 voxels) cross several chunks.
@@ -271,3 +271,21 @@ def test_bounding_box_outside_the_volume_is_refused(small):
     assert str(bbox) in str(error.value) and str(segmentation.bounds) in str(error.value)
     with pytest.raises(VolumeError, match="empty"):
         SkeletonizeSegments(segmentation, Box((5, 5, 5), (5, 9, 9)))
+
+
+def test_huge_skeletons_are_only_consolidated():
+    """Above `postprocess_max_vertices` the merged graph is kept as it is, loops included,
+    and still sampled: the walk from the root covers the loop once."""
+    ring = [(100 + round(40 * np.cos(t)), 100 + round(40 * np.sin(t)), 7)
+            for t in np.linspace(0, 2 * np.pi, 200, endpoint=False)]
+    vertices = np.array(ring, np.int32)
+    edges = np.array([(i, (i + 1) % len(ring)) for i in range(len(ring))], np.uint32)
+    fragment = Fragment(vertices, edges, np.full(len(ring), 200, np.float32))
+    options = SkeletonOptions(chunk_size=CHUNK, postprocess_max_vertices=100)
+    skeleton = merge_fragments([fragment], (32, 32, 33), options)
+    assert len(skeleton.edges) == len(skeleton.vertices) == len(np.unique(vertices, axis=0))
+    points = skeleton_points(3, skeleton, (32, 32, 33), 1500.0)
+    # 2 pi * 40 voxels * 32 nm = 8 um of loop: the root plus a point every 1.5 um of it.
+    assert [p.node_id for p in points] == list(range(6))
+    cleaned = merge_fragments([fragment], (32, 32, 33), OPTIONS)
+    assert len(cleaned.edges) == len(cleaned.vertices) - 1  # retraced into a path
