@@ -12,9 +12,9 @@ Both run the same exported model (random weights) on the same cutouts, in one pr
 
 Sizes: the published network (129^3 cutouts, ~1 s per cutout on 2 CPU cores) and a small
 one (8/16/32/64 on 33^3, ~2 ms per cutout, where per-cutout overheads show). The machine may
-be shared, so every timing is the fastest of --repeat interleaved runs, and rates are given
-per wall-clock second and per CPU second of this process (all its threads; less sensitive
-to other processes taking the cores).
+be shared, so every timing is the fastest of --repeat interleaved runs (garbage collected
+before each), and rates are given per wall-clock second and per CPU second of this process
+(all its threads; less sensitive to other processes taking the cores).
 
     .venv/bin/python benchmarks/bench_inference.py [--sizes default,small] [--repeat 3]
         [--threads N]
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import tempfile
 import time
 import warnings
@@ -51,7 +52,7 @@ class Case:
 CASES = {
     "default": Case(Architecture(), batch_size=2, counts=(2, 10)),
     "small": Case(Architecture(widths=(8, 16, 32, 64), input_size=33, bottleneck_width=64),
-                  batch_size=32, counts=(256, 2048)),
+                  batch_size=32, counts=(256, 4096)),
 }
 
 
@@ -80,34 +81,48 @@ def clock() -> np.ndarray:
     return np.array([time.perf_counter(), time.process_time()])
 
 
+def collected_clock() -> np.ndarray:
+    """The clock, after collecting the garbage of earlier runs (old models, pipelines)."""
+    gc.collect()
+    return clock()
+
+
 def bare_seconds(model: EmbeddingModel, case: Case) -> np.ndarray:
     """Wall and CPU seconds for the loaded model to embed the larger count of cutouts."""
     bank = cutout_bank(case.arch.input_size)
     batches = [bank[np.arange(i, i + case.batch_size) % BANK]
                for i in range(0, case.counts[1], case.batch_size)]
-    start = clock()
+    start = collected_clock()
     for batch in batches:
         model.embed(batch)
     return clock() - start
 
 
-def beam_run(model_dir: str, case: Case, count: int, threads, shared: bool
-             ) -> tuple[np.ndarray, int]:
-    """Wall and CPU seconds of a pipeline embedding `count` cutouts, and the batches it ran."""
+@dataclasses.dataclass(frozen=True)
+class BeamRun:
+    seconds: np.ndarray  # wall, CPU
+    handler_seconds: float  # wall seconds inside the handler's run_inference (Beam's metric)
+    batches: int
+
+
+def beam_run(model_dir: str, case: Case, count: int, threads, shared: bool) -> BeamRun:
+    """Time a pipeline that makes `count` cutouts and embeds them in the same stage."""
     pipeline = beam.Pipeline(runner="FnApiRunner")
     _ = (pipeline
          | beam.Create(range(count))
          | beam.ParDo(MakeCutouts(case.arch.input_size))
          | Embed(model_dir, case.batch_size, share_model_across_processes=shared,
                  intra_op_threads=threads, inter_op_threads=threads))
-    start = clock()
+    start = collected_clock()
     result = pipeline.run()
     result.wait_until_finish()
     seconds = clock() - start
-    counters = {c.key.metric.name: c.committed for c in
-                result.metrics().query(MetricsFilter().with_namespace("segclr"))["counters"]}
+    metrics = result.metrics().query(MetricsFilter().with_namespace("segclr"))
+    counters = {c.key.metric.name: c.committed for c in metrics["counters"]}
     assert counters["embeddings"] == count, counters
-    return seconds, counters["inference_batches"]
+    latency = {d.key.metric.name: d.committed for d in metrics["distributions"]}
+    return BeamRun(seconds, latency["inference_batch_latency_micro_secs"].sum / 1e6,
+                   counters["inference_batches"])
 
 
 def main() -> None:
@@ -134,22 +149,25 @@ def main() -> None:
                     for count in case.counts:
                         runs.setdefault((shared, count), []).append(
                             beam_run(model_dir, case, count, args.threads, shared))
-            bare_rate = case.counts[1] / np.min(bare, axis=0)
+            n1, n2 = case.counts
+            bare_rate = n2 / np.min(bare, axis=0)
             print(f"\n{name}: widths {list(case.arch.widths)}, cutouts "
-                  f"{case.arch.input_size}^3, batch {case.batch_size}, "
-                  f"Beam runs of {case.counts[0]} and {case.counts[1]} cutouts, "
-                  f"best of {args.repeat}; embeddings per wall second | per CPU second")
+                  f"{case.arch.input_size}^3, batch {case.batch_size}, Beam runs of {n1} and "
+                  f"{n2} cutouts, best of {args.repeat}; embeddings per wall s | per CPU s")
             print(f"  bare model          {bare_rate[0]:9.2f} | {bare_rate[1]:9.2f}")
             for shared in (False, True):
-                t1, t2 = (np.min([t for t, _ in runs[shared, n]], axis=0) for n in case.counts)
-                batches = runs[shared, case.counts[1]][0][1]
-                marginal = (case.counts[1] - case.counts[0]) / (t2 - t1)
+                t1, t2 = (np.min([run.seconds for run in runs[shared, n]], axis=0)
+                          for n in case.counts)
+                marginal = (n2 - n1) / (t2 - t1)
                 ratio = marginal / bare_rate
-                label = "Beam, shared model" if shared else "Beam stage"
-                print(f"  {label:<19} {marginal[0]:9.2f} | {marginal[1]:9.2f}   marginal; ratio "
-                      f"to bare {ratio[0]:.3f} | {ratio[1]:.3f}; end-to-end "
-                      f"{case.counts[1] / t2[0]:.2f}/s wall ({t2[0] - case.counts[1] / marginal[0]:.1f}"
-                      f" s fixed per run); {batches} batches")
+                in_handler = n2 / min(run.handler_seconds for run in runs[shared, n2])
+                print(f"  {'Beam, shared model' if shared else 'Beam stage':<19} "
+                      f"{marginal[0]:9.2f} | {marginal[1]:9.2f}   marginal, ratio to bare "
+                      f"{ratio[0]:.3f} | {ratio[1]:.3f}")
+                print(f"      inside run_inference {in_handler:.2f}/s wall (ratio "
+                      f"{in_handler / bare_rate[0]:.3f}); end-to-end {n2 / t2[0]:.2f}/s wall, "
+                      f"{t2[0] - n2 / marginal[0]:.1f} s fixed per run; "
+                      f"{runs[shared, n2][0].batches} batches")
 
 
 if __name__ == "__main__":
