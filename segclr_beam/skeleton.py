@@ -157,22 +157,28 @@ def skeletonize_chunk(
 ) -> tuple[dict[int, Fragment], dict[int, int]]:
     """Skeleton fragments and voxel counts of the segments in one chunk.
 
-    `labels` holds `chunk.box`; it is modified. Voxels are counted in `chunk.core` only, so
-    counts add up exactly over the chunks. Every piece is skeletonized, however small: whether
-    a segment is dust is decided on its whole voxel count.
+    `labels` holds `chunk.box`; it is relabelled in place and released, so pass it without
+    keeping a reference: the uint64 array is the largest in memory, and kimimaro works on the
+    small local ids. Voxels are counted in `chunk.core` only, so counts add up exactly over
+    the chunks. Every piece is skeletonized, however small: whether a segment is dust is
+    decided on its whole voxel count.
     """
-    core = labels[chunk.core.slices(chunk.box.start)]
-    ids, counts = fastremap.unique(core, return_counts=True)
+    ids, counts = fastremap.unique(labels[chunk.core.slices(chunk.box.start)],
+                                   return_counts=True)
     voxels = {int(i): int(c) for i, c in zip(ids, counts) if i != 0}
-    object_ids = None
     if segment_ids is not None:
         voxels = {i: c for i, c in voxels.items() if i in segment_ids}
-        object_ids = [int(i) for i in fastremap.unique(labels) if int(i) in segment_ids]
+    local, local_ids = fastremap.renumber(labels, in_place=True)
+    del labels
+    segment_of = {int(v): int(k) for k, v in local_ids.items() if k != 0}
+    object_ids = None
+    if segment_ids is not None:
+        object_ids = sorted(v for v, k in segment_of.items() if k in segment_ids)
         if not object_ids:
             return {}, voxels
     resolution = np.asarray(resolution, dtype=np.float32)
     skeletons = kimimaro.skeletonize(
-        labels,
+        local,
         teasar_params=options.teasar.to_kimimaro(),
         anisotropy=resolution,
         object_ids=object_ids,
@@ -185,9 +191,9 @@ def skeletonize_chunk(
     )
     origin = np.asarray(chunk.box.start, dtype=np.int32)
     fragments = {}
-    for segment_id, skeleton in skeletons.items():
+    for local_id, skeleton in skeletons.items():
         vertices = np.rint(skeleton.vertices / resolution).astype(np.int32) + origin
-        fragments[int(segment_id)] = Fragment(
+        fragments[segment_of[int(local_id)]] = Fragment(
             vertices, skeleton.edges.astype(np.uint32), skeleton.radius.astype(np.float32))
     return fragments, voxels
 
@@ -372,9 +378,9 @@ class _SkeletonizeChunk(beam.DoFn):
         self._segmentation.store  # open the TensorStore once per worker
 
     def process(self, chunk: Chunk):
-        labels = self._segmentation.read(chunk.box)
-        fragments, voxels = skeletonize_chunk(labels, chunk, self._segmentation.resolution,
-                                              self._options, self._segment_ids)
+        fragments, voxels = skeletonize_chunk(self._segmentation.read(chunk.box), chunk,
+                                              self._segmentation.resolution, self._options,
+                                              self._segment_ids)
         self._chunks.inc()
         self._fragments.inc(len(fragments))
         yield from fragments.items()
