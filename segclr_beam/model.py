@@ -213,7 +213,8 @@ def is_training_only(name: str, all_names: AbstractSet[str] = frozenset()) -> bo
 
 def _listing(title: str, lines: list[str]) -> str:
     shown = "\n".join(f"    {line}" for line in lines[:_SHOWN_OFFENDERS])
-    more = f"\n    ... and {len(lines) - _SHOWN_OFFENDERS} more" if len(lines) > _SHOWN_OFFENDERS else ""
+    hidden = len(lines) - _SHOWN_OFFENDERS
+    more = f"\n    ... and {hidden} more" if hidden > 0 else ""
     return f"  {len(lines)} {title}:\n{shown}{more}"
 
 
