@@ -261,7 +261,7 @@ def _header(path: str) -> list[str]:
             if _table_format(path) == "avro":
                 columns = [field["name"] for field in fastavro.reader(f).writer_schema["fields"]]
             else:
-                line = io.TextIOWrapper(f, encoding="utf-8", newline="").readline()
+                line = io.TextIOWrapper(f, encoding="utf-8-sig", newline="").readline()
                 columns = next(csv.reader([line]), [])
     except (OSError, ValueError, EOFError, UnicodeDecodeError) as e:
         raise PointsError(f"{path}: cannot read the header: {e}") from None
@@ -273,22 +273,23 @@ def _header(path: str) -> list[str]:
     return columns
 
 
-def _integer(text, what: str, where: str, whole_float: bool = False) -> int:
-    """An integer cell; for coordinates also a float with no fractional part."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        pass
-    if whole_float:
+def _integer(cell, what: str, where: str, whole_float: bool = False) -> int:
+    """An integer cell (text or Avro value); for coordinates also a whole float."""
+    if isinstance(cell, int) and not isinstance(cell, bool):
+        return cell
+    value = cell
+    if isinstance(cell, str):
         try:
-            value = float(text)
-        except (TypeError, ValueError):
-            value = None
-        if value is not None and value.is_integer():
-            return int(value)
-    raise PointsError(f"{where}: {what} must be an integer, got {text!r}")
+            return int(cell)
+        except ValueError:
+            pass
+        try:
+            value = float(cell)
+        except ValueError:
+            pass
+    if whole_float and isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise PointsError(f"{where}: {what} must be an integer, got {cell!r}")
 
 
 def _row(values: dict, where: str, has_node_id: bool) -> TableRow:
@@ -325,7 +326,7 @@ def read_table(path: str) -> Iterator[TableRow]:
                     raise
                 raise PointsError(f"{path}: record {index + 1} is unreadable: {e}") from None
             return
-        lines = csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline=""))
+        lines = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
         try:
             next(lines)  # the header, checked above
             for cells in lines:

@@ -276,3 +276,9 @@ def test_points_command(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == out
     with pytest.raises(SystemExit, match="segclr-beam points: .*none-.*: no points table matches"):
         cli.main(["points", "--from", str(tmp_path / "none-*.csv"), "--out", out])
+
+
+def test_excel_csv_with_byte_order_mark(tmp_path):
+    table = tmp_path / "excel.csv"
+    table.write_bytes("\ufeffsegment_id,x,y,z\r\n9,1,2,3\r\n".encode("utf-8"))
+    assert read_points(str(table)) == [Point(9, 0, 1, 2, 3)]
