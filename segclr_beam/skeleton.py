@@ -228,7 +228,7 @@ def clean_skeleton(skeleton: Skeleton, options: SkeletonOptions = SkeletonOption
     cleaned = kimimaro.join_close_components(skeleton, restrict_by_radius=True)
     cleaned = retrace(cleaned, options.teasar)
     cleaned = _remove_dust(cleaned, options.dust_nm)
-    cleaned = _remove_ticks(cleaned, options.tick_nm)
+    cleaned = remove_ticks(cleaned, options.tick_nm)
     cleaned.id = skeleton.id
     return cleaned
 
@@ -301,7 +301,7 @@ def _remove_dust(skeleton: Skeleton, dust_nm: float) -> Skeleton:
     ]).consolidate()
 
 
-def _remove_ticks(skeleton: Skeleton, tick_nm: float) -> Skeleton:
+def remove_ticks(skeleton: Skeleton, tick_nm: float) -> Skeleton:
     """Cut branches shorter than `tick_nm` from an end to a branch point, shortest first.
 
     Cutting a branch can turn its branch point into a plain path vertex and so lengthen the

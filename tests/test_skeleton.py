@@ -14,10 +14,12 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import tensorstore as ts
 from apache_beam.options.pipeline_options import PipelineOptions
+from osteoid import Skeleton
 
 from segclr_beam.points import SkeletonSource, WritePoints, read_points, skeleton_points
 from segclr_beam.skeleton import (OVERLAP, Fragment, SkeletonOptions, SkeletonizeSegments,
-                                  clean_skeleton, merge_fragments, plan_chunks, skeletonize_chunk)
+                                  clean_skeleton, merge_fragments, plan_chunks, remove_ticks,
+                                  skeletonize_chunk)
 from segclr_beam.volume import Box, VolumeError, open_volume
 
 # Small enough that most synthetic segments (192 x 192 x 128 voxels) cross several chunks.
@@ -289,3 +291,35 @@ def test_huge_skeletons_are_only_consolidated():
     assert [p.node_id for p in points] == list(range(6))
     cleaned = merge_fragments([fragment], (32, 32, 33), OPTIONS)
     assert len(cleaned.edges) == len(cleaned.vertices) - 1  # retraced into a path
+
+
+def test_tick_removal_keeps_a_tree_connected():
+    """A short branch at X between branch points U and W is cut; U-X-W then reads as one
+    plain path between branch points and must stay (kimimaro.post.remove_ticks cuts it)."""
+    step = np.float32(40.0)
+    vertices, edges = [], []
+
+    def line(start: int | None, direction, steps: int) -> int:
+        """Vertices `step` nm apart from vertex `start` (or the origin); returns the last."""
+        origin = vertices[start] if start is not None else np.zeros(3, np.float32)
+        previous = start
+        for k in range(1, steps + 1):
+            vertices.append(origin + k * step * np.asarray(direction, np.float32))
+            if previous is not None:
+                edges.append((previous, len(vertices) - 1))
+            previous = len(vertices) - 1
+        return previous
+
+    u = line(None, (1, 0, 0), 125)  # 5 um from one end to U
+    x = line(u, (1, 0, 0), 3)
+    w = line(x, (1, 0, 0), 3)
+    line(w, (1, 0, 0), 125)  # 5 um on to the other end
+    line(u, (0, 1, 0), 125)  # long branches keep U and W branch points
+    line(w, (0, -1, 0), 125)
+    tick = line(x, (0, 0, 1), 2)
+    skeleton = Skeleton(np.array(vertices), np.array(edges, np.uint32),
+                        radii=np.full(len(vertices), 100, np.float32), space="physical")
+    cleaned = remove_ticks(skeleton, tick_nm=1500.0)
+    assert len(cleaned.components()) == 1
+    assert len(cleaned.vertices) == len(vertices) - 2
+    assert not any((v == vertices[tick]).all() for v in cleaned.vertices)
