@@ -1,5 +1,5 @@
-"""Skeletons and sample points: kimimaro per chunk, fragments merged per segment, points
-sampled along the merged skeleton every `spacing_nm` of path length.
+"""Skeletons of every segment in a box: kimimaro per chunk, fragments merged per segment,
+then sample points along each merged skeleton (segclr_beam.points.skeleton_points).
 
 Chunks share one voxel plane with their upper neighbours. kimimaro's `fix_borders` puts a
 skeleton endpoint at the same place of a shared plane in both chunks, so the fragments of a
@@ -85,6 +85,9 @@ class SkeletonOptions:
     postprocess_max_vertices: larger merged skeletons (huge glia, merged objects) are only
       consolidated, not cleaned: the cleaning walks the graph in Python, which would take
       minutes and gigabytes on them.
+
+    kimimaro's fill_holes and fix_avocados are not offered: they hand voxels of one segment
+    to another, and every sample point must lie in its own segment.
     """
 
     chunk_size: tuple[int, int, int] = (512, 512, 512)
