@@ -10,7 +10,6 @@ of the embeddings coloured by morphological class, and the sample points over an
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -19,13 +18,15 @@ import numpy as np
 
 from segclr_beam import synth
 from segclr_beam.config import EmbedConfig
+from segclr_beam.runner import configure_logging
 
 # A quarter of the published widths: about 1/16 of its arithmetic, so the demo runs in
 # minutes on a laptop CPU. --published-size runs the published network instead.
 DEMO_WIDTHS = (16, 32, 64, 128)
 PUBLISHED_WIDTHS = (64, 128, 256, 512)
+LOCAL_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 CLASS_COLOURS = {"axon": "tab:blue", "dendrite": "tab:green", "soma": "tab:red",
-                 "glia": "tab:gray"}
+                 "glia": "tab:purple"}
 
 
 def _dataset(path: str) -> synth.Dataset:
@@ -102,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--published-size", action="store_true",
                         help="run the published network size (slow on a CPU)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("segclr_beam").setLevel(logging.INFO)
+    configure_logging()
 
     from segclr_beam import pipeline
 
@@ -114,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     widths = PUBLISHED_WIDTHS if args.published_size else DEMO_WIDTHS
     model_dir = os.path.join(args.data, "model-" + "-".join(map(str, widths)))
     identity = _model(model_dir, widths)
+    # Chunks of 128 voxels give the two local workers several skeletonization tasks each.
     config = EmbedConfig(em=dataset.em, segmentation=dataset.segmentation, model=model_dir,
-                         output=os.path.abspath(args.out), num_shards=64, overwrite=True)
+                         output=os.path.abspath(args.out), chunk_size=128, num_shards=64,
+                         overwrite=True)
     print("running the embedding job (Beam, local runner) ...", flush=True)
-    summary = pipeline.run(config.validate())
+    summary = pipeline.run(config.validate(), LOCAL_WORKERS)
     sample, embeddings = _read_outputs(config.output)
     picture = os.path.join(config.output, "embeddings.png")
     _picture(picture, dataset, sample, embeddings)

@@ -7,11 +7,10 @@ not know are Beam pipeline options (e.g. --runner=DataflowRunner --project=... -
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from segclr_beam.config import ConfigError, EmbedConfig
-from segclr_beam.runner import DataflowGpu
+from segclr_beam.runner import DataflowGpu, configure_logging
 
 
 def _numbers(kind):
@@ -76,9 +75,7 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
 def main(argv: list[str] | None = None) -> None:
     from segclr_beam import pipeline
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("segclr_beam").setLevel(logging.INFO)
+    configure_logging()
     args, beam_args = build_parser().parse_known_args(argv)
     gpu = (DataflowGpu(args.gpu_type, args.gpu_count, args.machine_type, args.container_image)
            if args.gpu_type else None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from typing import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -50,3 +52,37 @@ def pipeline_options(beam_args: Sequence[str], gpu: DataflowGpu | None = None) -
     elif runner is None:
         args = [f"--runner={LOCAL_RUNNER}", *args]
     return PipelineOptions(args, save_main_session=False)
+
+
+class _WorkerLogFilter(logging.Filter):
+    """Shows log entries that local SDK worker processes forward as one plain line each.
+
+    The local runner relays them as protobuf text; only the project's own entries (progress)
+    and Beam's errors are worth a line on a terminal.
+    """
+
+    _FIELD = r'{}: "((?:[^"\\]|\\.)*)"'
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Worker: "):
+            return True
+        location = re.search(self._FIELD.format("log_location"), text)
+        own = location is not None and "segclr_beam" in location.group(1)
+        if not own and record.levelno < logging.ERROR:
+            return False
+        message = re.search(self._FIELD.format("message"), text)
+        if message is not None:
+            record.msg = message.group(1).encode().decode("unicode_escape")
+            record.args = ()
+        return True
+
+
+def configure_logging() -> None:
+    """Progress of the project's stages on the terminal, Beam's own chatter only if it fails."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("segclr_beam").setLevel(logging.INFO)
+    relay = logging.getLogger("apache_beam.runners.portability.local_job_service")
+    relay.setLevel(logging.INFO)
+    relay.addFilter(_WorkerLogFilter())
