@@ -14,6 +14,7 @@ the largest single process (getrusage) is printed as well. The machine may be sh
 the numbers are noisy; --repeat keeps the fastest run of each side.
 
     .venv/bin/python benchmarks/bench_skeleton.py [--chunk-size 128] [--repeat 1]
+        [--data DATASET | --shape X,Y,Z]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import psutil
 RESOLUTION = (32.0, 32.0, 33.0)
 
 
-def run_baseline(segmentation_path: str, out: str) -> dict:
+def run_baseline(segmentation_path: str) -> dict:
     import kimimaro
 
     from segclr_beam.points import skeleton_points
@@ -76,15 +77,20 @@ def run_chunked(segmentation_path: str, out: str, chunk_size: int, workers: int)
     return {"points": len(points), "segments": len({p.segment_id for p in points})}
 
 
-def measure(args: list[str]) -> dict:
-    """Run this script as a child with `args`; its result plus wall time and peak memory."""
+def _child_env() -> dict:
+    """The environment for children (and Beam's workers): this package importable."""
     import segclr_beam
 
-    package_root = str(Path(segclr_beam.__file__).parent.parent)  # also for Beam's workers
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    package_root = str(Path(segclr_beam.__file__).parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+
+
+def measure(args: list[str]) -> dict:
+    """Run this script as a child with `args`; its result plus wall time and peak memory."""
     start = time.perf_counter()
-    child = psutil.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, env=env)
+    child = psutil.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
+                         env=_child_env())
     peak = 0
     done = threading.Event()
 
@@ -122,15 +128,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--data", help="an existing synthetic dataset (default: write one)")
+    parser.add_argument("--shape", help="X,Y,Z voxels of the dataset written (default: synth's)")
     parser.add_argument("--side", choices=("baseline", "chunked"), help=argparse.SUPPRESS)
+    parser.add_argument("--segmentation", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.side:  # a child: run one side and print its result as the last line
         if args.side == "baseline":
-            result = run_baseline(args.data, args.out)
+            result = run_baseline(args.segmentation)
         else:
-            result = run_chunked(args.data, args.out, args.chunk_size, args.workers)
+            result = run_chunked(args.segmentation, args.out, args.chunk_size, args.workers)
         result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         result["max_rss_children_bytes"] = (
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
@@ -140,19 +148,22 @@ def main() -> None:
     from segclr_beam import synth
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data:
-            segmentation = str(Path(synth.load_dataset(args.data).segmentation))
-            shape = synth.load_dataset(args.data).shape
-        else:
-            dataset = synth.write_dataset(Path(tmp) / "dataset")
-            segmentation, shape = dataset.segmentation, dataset.shape
+        data = args.data
+        if not data:  # written by a child: Linux carries a parent's peak RSS into its children
+            data = str(Path(tmp) / "dataset")
+            shape = ["--shape", args.shape] if args.shape else []
+            subprocess.run([sys.executable, "-m", "segclr_beam.cli", "synth", "--out", data,
+                            *shape], check=True, stdout=subprocess.DEVNULL, env=_child_env())
+        dataset = synth.load_dataset(data)
+        segmentation, shape = dataset.segmentation, dataset.shape
         results = {}
         for side in ("baseline", "chunked"):
             runs = []
             for i in range(args.repeat):
                 out = Path(tmp) / f"{side}-{i}"
                 out.mkdir()
-                runs.append(measure(["--side", side, "--data", segmentation, "--out", str(out),
+                runs.append(measure(["--side", side, "--segmentation", segmentation,
+                                     "--out", str(out),
                                      "--chunk-size", str(args.chunk_size),
                                      "--workers", str(args.workers)]))
             results[side] = min(runs, key=lambda r: r["wall_seconds"])
