@@ -19,6 +19,7 @@ setup(
         "google-cloud-storage>=2.14",
         "kimimaro>=5.0",
         "numpy>=1.26",
+        "osteoid>=0.7",
         "scipy>=1.11",
         "tensorstore>=0.1.60",
     ],
