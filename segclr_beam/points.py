@@ -32,7 +32,7 @@ import tensorstore as ts
 from apache_beam.io.filesystems import FileSystems
 from osteoid import Skeleton
 
-from segclr_beam.volume import _kvstore_url
+from segclr_beam.volume import kvstore_url
 
 
 class Point(NamedTuple):
@@ -185,7 +185,7 @@ class SkeletonSource:
     def shards(self) -> ts.KvStore:
         if self._shards is None:
             self._shards = ts.KvStore.open({
-                "driver": "neuroglancer_uint64_sharded", "base": _kvstore_url(self.path),
+                "driver": "neuroglancer_uint64_sharded", "base": kvstore_url(self.path),
                 "metadata": self.info["sharding"]}).result()
         return self._shards
 

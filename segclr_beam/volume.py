@@ -155,8 +155,8 @@ def parse_source(source: str | dict) -> dict:
             raise VolumeError(f"malformed TensorStore spec in {text}: {e}") from None
     scheme, sep, rest = text.partition("://")
     if sep and scheme in _SCHEMES:
-        return {"driver": _SCHEMES[scheme], "kvstore": _kvstore_url(rest)}
-    kvstore = _kvstore_url(text)
+        return {"driver": _SCHEMES[scheme], "kvstore": kvstore_url(rest)}
+    kvstore = kvstore_url(text)
     try:
         kv = ts.KvStore.open(kvstore).result()
         for marker, driver in _MARKERS:
@@ -168,7 +168,8 @@ def parse_source(source: str | dict) -> dict:
         f"no volume at {text}: found none of {', '.join(m for m, _ in _MARKERS)}")
 
 
-def _kvstore_url(path: str) -> str:
+def kvstore_url(path: str) -> str:
+    """A TensorStore kvstore URL for a local path or a gs:// URL, with a trailing slash."""
     if "://" in path:
         return path.rstrip("/") + "/"
     return "file://" + os.path.abspath(path).rstrip("/") + "/"

@@ -42,7 +42,7 @@ def _send_generation(download):
 
     def handler(request, response, storage, *args, **kwargs):
         download(request, response, storage, *args, **kwargs)
-        if response.status.value == 200:
+        if response.status.value in (200, 206):  # whole object or a byte range
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = str(obj["generation"])
 
