@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -92,10 +93,18 @@ def _points(args: argparse.Namespace) -> None:
     print("\n".join(points.shard_paths(args.out, args.num_shards)))
 
 
-def _reprocess(args: argparse.Namespace) -> None:
-    from pipelines import reprocess
+# Jobs with a parser of their own in pipelines/: `segclr-beam JOB ...` is `python -m pipelines.JOB ...`.
+_JOBS = {
+    "embed": "embed every segment of a volume: points, cutouts, SegCLR, radius means, outputs "
+             "(`segclr-beam embed --help` for its options)",
+    "reprocess": "embed a new segmentation version into a new output tree, re-embedding only "
+                 "what changed since a previous run (`segclr-beam reprocess --help` for its "
+                 "options)",
+}
 
-    reprocess.main(args.forwarded)
+
+def _job(args: argparse.Namespace) -> None:
+    importlib.import_module(f"pipelines.{args.command}").main(args.forwarded)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,11 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1, help="points files")
     p.set_defaults(run=_points, forwarded=[])
 
-    p = commands.add_parser("reprocess", add_help=False,
-                            help="embed a new segmentation version into a new output tree, "
-                                 "re-embedding only what changed since a previous run "
-                                 "(`segclr-beam reprocess --help` for its options)")
-    p.set_defaults(run=_reprocess, forwarded=[])
+    for name, text in _JOBS.items():
+        commands.add_parser(name, add_help=False, help=text).set_defaults(run=_job, forwarded=[])
     return parser
 
 

@@ -168,3 +168,10 @@ def test_dataflow_translation_with_gpu_workers(synthetic_dataset, small_model, t
     names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
     assert set(pipeline.STAGES) <= names
     assert not os.path.exists(tmp_path / "out" / pipeline.POINTS_FILE)
+
+
+def test_embed_command_names_the_missing_field(capsys):
+    from segclr_beam import cli
+
+    with pytest.raises(SystemExit, match="segclr-beam embed: segmentation: required"):
+        cli.main(["embed", "--em", "x", "--model", "m", "--output", "o"])
