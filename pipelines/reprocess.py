@@ -1,4 +1,6 @@
-"""Embed a new segmentation version, re-embedding only what changed: `python -m pipelines.reprocess --help`.
+"""Embed a new segmentation version, re-embedding only what changed.
+
+    python -m pipelines.reprocess --help
 
 Reads the manifest of the previous run (--previous), compares the voxel fingerprints of the new
 segmentation (--segmentation) with it, and writes a complete new output tree at --output; the

@@ -195,12 +195,13 @@ def cutout_digest(cutout: np.ndarray, key: bytes) -> bytes:
 
 # Tables --------------------------------------------------------------------------------------
 
-def _long(segment_id: int) -> int:
-    """A uint64 as the Avro long with the same bits."""
+def as_long(segment_id: int) -> int:
+    """A uint64 segment id as the Avro long (int64) with the same bits."""
     return segment_id - _UINT64 if segment_id >= 1 << 63 else segment_id
 
 
-def _uint64(value: int) -> int:
+def as_uint64(value: int) -> int:
+    """The uint64 segment id stored in an Avro long."""
     return value + _UINT64 if value < 0 else value
 
 
@@ -224,23 +225,23 @@ NODES_SCHEMA = fastavro.parse_schema({
 
 
 def _segment_to_avro(record: SegmentRecord) -> dict:
-    return {"segment_id": _long(record.segment_id), "fingerprint": record.fingerprint,
+    return {"segment_id": as_long(record.segment_id), "fingerprint": record.fingerprint,
             "voxels": record.voxels}
 
 
 def _segment_from_avro(row: dict) -> SegmentRecord:
-    return SegmentRecord(_uint64(row["segment_id"]), row["fingerprint"], row["voxels"])
+    return SegmentRecord(as_uint64(row["segment_id"]), row["fingerprint"], row["voxels"])
 
 
 def _node_to_avro(record: NodeRecord) -> dict:
     p = record.point
-    return {"segment_id": _long(p.segment_id), "node_id": p.node_id, "x": p.x, "y": p.y,
+    return {"segment_id": as_long(p.segment_id), "node_id": p.node_id, "x": p.x, "y": p.y,
             "z": p.z, "cutout_digest": record.cutout_digest,
             "embedding": np.asarray(record.embedding, dtype="<f4").tobytes()}
 
 
 def _node_from_avro(row: dict) -> NodeRecord:
-    point = Point(_uint64(row["segment_id"]), row["node_id"], row["x"], row["y"], row["z"])
+    point = Point(as_uint64(row["segment_id"]), row["node_id"], row["x"], row["y"], row["z"])
     return NodeRecord(point, row["cutout_digest"],
                       np.frombuffer(row["embedding"], dtype="<f4").astype(np.float32))
 

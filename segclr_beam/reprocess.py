@@ -37,10 +37,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam import cutouts, inference, pipeline
 from segclr_beam.config import ConfigError, EmbedConfig
-from segclr_beam.manifest import (NODES, SEGMENTS, Fingerprints, Manifest, NodeRecord,
-                                  ReadTable, SegmentRecord, WriteManifest, cutout_digest,
-                                  cutout_key, describe_run, differences, fingerprint_box,
-                                  read_table_file)
+from segclr_beam.manifest import (NODES, SEGMENTS, Fingerprints, Manifest, ManifestError,
+                                  NodeRecord, ReadTable, SegmentRecord, WriteManifest, as_long,
+                                  as_uint64, cutout_digest, cutout_key, describe_run,
+                                  differences, fingerprint_box, read_table_file)
 from segclr_beam.outputs import _delete_tree
 from segclr_beam.runner import DataflowGpu, pipeline_options
 
@@ -71,20 +71,18 @@ CHANGES_SCHEMA = {
                {"name": "fingerprint", "type": "bytes"},
                {"name": "voxels", "type": "long"}],
 }
-_UINT64 = 1 << 64
 
 
 def _change_to_avro(change: Change) -> dict:
-    def long(v):
-        return None if v is None else v - _UINT64 if v >= 1 << 63 else v
-    return {**change._asdict(), "old_id": long(change.old_id), "new_id": long(change.new_id)}
+    ids = {name: None if value is None else as_long(value)
+           for name, value in (("old_id", change.old_id), ("new_id", change.new_id))}
+    return {**change._asdict(), **ids}
 
 
 def _change_from_avro(row: dict) -> Change:
-    def uint(v):
-        return None if v is None else v + _UINT64 if v < 0 else v
-    return Change(row["status"], uint(row["old_id"]), uint(row["new_id"]), row["fingerprint"],
-                  row["voxels"])
+    old_id, new_id = (None if row[name] is None else as_uint64(row[name])
+                      for name in ("old_id", "new_id"))
+    return Change(row["status"], old_id, new_id, row["fingerprint"], row["voxels"])
 
 
 # Classification: per-key work as plain functions, Beam transforms as thin wrappers -----------
@@ -221,8 +219,8 @@ class _SplitPrevious(beam.DoFn):
             for node in read_table_file(path, file):
                 old_id = node.point.segment_id
                 if old_id not in fates:
-                    raise ValueError(f"{path}: nodes of segment {old_id}, which the segments "
-                                     "table of the same manifest does not hold")
+                    raise ManifestError(f"{path}: nodes of segment {old_id}, which the "
+                                        "segments table of the same manifest does not hold")
                 new_id = fates[old_id]
                 if new_id is None:
                     self._cached.inc()
@@ -364,6 +362,40 @@ def _classify(job: pipeline.Job, previous: Manifest, staging: str, beam_args: li
     return _read_ids(FileSystems.join(staging, _TO_EMBED)), _counters(result)
 
 
+def _reusing_job(manifest: Manifest, config: EmbedConfig) -> tuple[pipeline.Job, dict]:
+    """The job for `config` and its manifest description, once it is clear that the previous
+    run's embeddings are valid for it: every refusal comes before any work."""
+    job = pipeline.prepare(config)
+    description = describe_run(job, pipeline.skeleton_options(config))
+    differing = differences(manifest.parameters, description["parameters"])
+    if differing:
+        raise ConfigError(f"cannot reuse the run at {manifest.root}: " + "; ".join(differing)
+                          + ". Pass --full to embed every segment again")
+    for name in ("points", "segments"):
+        if getattr(config, name) is not None:
+            raise ConfigError(f"{name}: reprocessing needs a run that skeletonized every "
+                              f"segment of its box; {manifest.root} used {name}="
+                              f"{getattr(config, name)}. Pass --full to embed again")
+    manifest.check_files()
+    return job, description
+
+
+def _changes(p: beam.Pipeline, job: pipeline.Job, manifest: Manifest, staging: str,
+             changed_ids: list[int] | None, removed_ids: Collection[int]) -> beam.PCollection:
+    """The staged classification, or the classification by the given changed ids."""
+    if changed_ids is None:
+        return (p
+                | "ReadChanges" >> beam.io.ReadFromAvro(
+                    FileSystems.join(staging, _CHANGES + "*.avro"))
+                | "FromAvro" >> beam.Map(_change_from_avro))
+    current = p | "Fingerprints" >> Fingerprints(
+        job.segmentation, fingerprint_box(job.bbox, job.config.cutout_size),
+        job.config.chunk_size, segment_ids=changed_ids)
+    return ({"previous": p | "PreviousSegments" >> ReadTable(manifest, SEGMENTS),
+             "current": current}
+            | "Classify" >> ClassifyByIds(changed_ids, set(map(int, removed_ids))))
+
+
 def reprocess(previous: str, overrides: dict, *, full: bool = False,
               changed_ids: Collection[int] | None = None,
               removed_ids: Collection[int] = (), beam_args: list[str] | None = None,
@@ -385,24 +417,12 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
         raise ConfigError(f"output: {config.output} is the previous run; reprocessing writes a "
                           "new output tree and never modifies the previous one")
     if full:
-        summary = pipeline.run(config, beam_args, gpu)
-        return ReprocessSummary(summary, {}, None, True)
+        return ReprocessSummary(pipeline.run(config, beam_args, gpu), {}, None, True)
     if config.write_skeletons:
         _LOG.warning("skeletons are not written when reprocessing (only changed segments are "
                      "skeletonized); use --full to write them")
         config = dataclasses.replace(config, write_skeletons=False)
-    job = pipeline.prepare(config)
-    description = describe_run(job, pipeline.skeleton_options(config))
-    differing = differences(manifest.parameters, description["parameters"])
-    if differing:
-        raise ConfigError(f"cannot reuse the run at {previous}: " + "; ".join(differing)
-                          + ". Pass --full to embed every segment again")
-    for name in ("points", "segments"):
-        if getattr(config, name) is not None:
-            raise ConfigError(f"{name}: reprocessing needs a run that skeletonized every "
-                              f"segment of its box; {previous} used {name}="
-                              f"{getattr(config, name)}. Pass --full to embed again")
-    manifest.check_files()
+    job, description = _reusing_job(manifest, config)
 
     beam_args = list(beam_args or [])
     staging = FileSystems.join(config.output.rstrip("/"), STAGING)
@@ -410,36 +430,25 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
     counters: dict[str, int] = {}
     if changed_ids is None:
         to_embed, counters = _classify(job, manifest, staging, beam_args, gpu)
-        mode = "fingerprints"
     else:
-        to_embed, mode = sorted(set(map(int, changed_ids))), "changed ids"
-
+        changed_ids = to_embed = sorted(set(map(int, changed_ids)))
     p = beam.Pipeline(options=pipeline_options(beam_args, gpu))
-    if changed_ids is None:
-        changes = (p
-                   | "ReadChanges" >> beam.io.ReadFromAvro(
-                       FileSystems.join(staging, _CHANGES + "*.avro"))
-                   | "FromAvro" >> beam.Map(_change_from_avro))
-    else:
-        current = p | "Fingerprints" >> Fingerprints(
-            job.segmentation, fingerprint_box(job.bbox, config.cutout_size), config.chunk_size,
-            segment_ids=to_embed)
-        changes = ({"previous": p | "PreviousSegments" >> ReadTable(manifest, SEGMENTS),
-                    "current": current}
-                   | "Classify" >> ClassifyByIds(to_embed, set(map(int, removed_ids))))
+    changes = _changes(p, job, manifest, staging, changed_ids, removed_ids)
     build(p, job, manifest, changes, to_embed, description)
     result = p.run()
     result.wait_until_finish()
     summary = pipeline._summarize(result, job, time.monotonic() - start)
     for name, value in counters.items():
         summary.counters[name] = summary.counters.get(name, 0) + value
-    changes = {name: summary.counters.get(f"segments_{name}", 0)
+    classes = {name: summary.counters.get(f"segments_{name}", 0)
                for name in ("unchanged", "relabelled", "changed", "new", "removed")}
     _delete_tree(staging)
+    # The run's record goes last: it marks the new tree complete.
     record = {"config": json.loads(config.to_json()), "model": job.model,
               "volumes": job.provenance(), "counters": summary.counters,
-              "reprocess": {"previous": manifest.root, "mode": mode, "changes": changes,
+              "reprocess": {"previous": manifest.root, "changes": classes,
+                            "by": "fingerprints" if changed_ids is None else "changed ids",
                             "segments_embedded": len(to_embed)}}
     with FileSystems.create(FileSystems.join(config.output, pipeline.RUN_FILE)) as f:
         f.write(json.dumps(record, indent=2, sort_keys=True).encode())
-    return ReprocessSummary(summary, changes, len(to_embed), False)
+    return ReprocessSummary(summary, classes, len(to_embed), False)
