@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorstore as ts
+from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam import manifest, model, pipeline, reprocess, synth
 from segclr_beam.config import ConfigError, EmbedConfig
@@ -169,6 +170,22 @@ def test_changed_ids_replace_the_fingerprint_pass(runs, tmp_path):
     assert _digests(out) == _digests(runs["full2"])
     assert summary.changes["new"] == len(edits.new) + 1
     assert summary.changes["removed"] == len(edits.removed) + 1
+
+
+def test_previous_run_and_output_on_gcs(runs, gcs):
+    previous = gcs.upload_dir(runs["full1"], "runs/full1")
+    output = f"gs://{gcs.bucket}/runs/reprocessed"
+    summary = reprocess.reprocess(previous, {"segmentation": runs["edits"].segmentation,
+                                             "output": output})
+    assert summary.changes == runs["summary"].changes
+    remote, local = (_segments(f"{root}/raw") for root in (output, runs["reprocessed"]))
+    assert sorted(remote) == sorted(local)
+    for segment_id, expected in local.items():
+        np.testing.assert_array_equal(remote[segment_id].embeddings, expected.embeddings)
+    assert manifest.Manifest.open(output).info["tables"] == manifest.Manifest.open(
+        runs["reprocessed"]).info["tables"]
+    written = [m.path for m in FileSystems.match([f"{output}/**"])[0].metadata_list]
+    assert written and not [p for p in written if "/." in p[len(output):]], "temporary files left"
 
 
 def test_missing_or_corrupt_manifest(runs, tmp_path):
