@@ -249,8 +249,9 @@ class _Reuse(beam.DoFn):
 
 
 class EmbedChanged(beam.PTransform):
-    """(Point, cutout) -> NodeRecord: embeddings reused from `cache` ((digest, embedding), a
-    multimap side input, looked up key by key rather than held in memory) or from the model."""
+    """(Point, cutout) -> NodeRecord: embeddings reused from `cache` ((digest, embedding)) or
+    from the model. The cache is a multimap side input, which runners read whole while small
+    and look up key by key once large, so only digests of new cutouts are ever looked up."""
 
     def __init__(self, model_dir: str, batch_size: int, model: dict, cache: beam.PCollection):
         super().__init__()
