@@ -192,7 +192,12 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     trees = write_results(job, sample_points, embeddings)
     recorded = ({"cutouts": masked, "embeddings": embeddings}
                 | "Manifest" >> manifest.RecordManifest(job, skeleton_options(config)))
-    _ = ((trees, recorded)
+    record_run(job, [trees, recorded])
+
+
+def record_run(job: Job, written: list[beam.PCollection]) -> None:
+    """Write run.json ("Record") once every PCollection in `written` is complete."""
+    _ = (written
          | "Done" >> beam.Flatten()
          | "AllWritten" >> beam.combiners.ToList()
          | "Record" >> beam.Map(_write_record, job))
