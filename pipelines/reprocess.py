@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import embed
 from segclr_beam.config import ConfigError, EmbedConfig
-from segclr_beam.runner import DataflowGpu
+from segclr_beam.runner import DataflowGpu, configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +71,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from segclr_beam import reprocess
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("segclr_beam").setLevel(logging.INFO)
+    configure_logging()
     args, beam_args = build_parser().parse_known_args(argv)
     gpu = (DataflowGpu(args.gpu_type, args.gpu_count, args.machine_type, args.container_image)
            if args.gpu_type else None)
@@ -93,14 +90,17 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ValueError) as e:
         sys.exit(f"segclr-beam reprocess: {e}")
     if summary.full:
-        print("embedded every segment again (--full)")
-    else:
+        print("embedding every segment again (--full)")
+    if summary.changes:
         print(", ".join(f"{count} {name}" for name, count in summary.changes.items())
-              + f"; {summary.segments_embedded} segments re-embedded")
+              + f"; {summary.segments_embedded} segments to re-embed")
     counters = summary.run.counters
-    print(f"nodes: {counters.get('nodes_carried', 0)} carried, "
-          f"{counters.get('embeddings_reused', 0)} reused by cutout, "
-          f"{counters.get('embeddings', 0)} embedded; {summary.run.wall_seconds:.1f} s")
+    if summary.run.wall_seconds:
+        print(f"nodes: {counters.get('nodes_carried', 0)} carried, "
+              f"{counters.get('embeddings_reused', 0)} reused by cutout, "
+              f"{counters.get('embeddings', 0)} embedded; {summary.run.wall_seconds:.1f} s")
+    else:
+        print(f"submitted: {summary.run.result}")
     for name, path in summary.run.outputs.items():
         print(f"{name}: {path}")
 

@@ -26,7 +26,6 @@ taken as unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from typing import Collection, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import StandardOptions
 
 from segclr_beam import cutouts, inference, pipeline
 from segclr_beam.config import ConfigError, EmbedConfig
@@ -42,7 +42,7 @@ from segclr_beam.manifest import (NODES, SEGMENTS, Fingerprints, Manifest, Manif
                                   as_uint64, cutout_digest, cutout_key, describe_run,
                                   differences, fingerprint_box, read_table_file)
 from segclr_beam.outputs import _delete_tree
-from segclr_beam.runner import DataflowGpu, pipeline_options
+from segclr_beam.runner import LOCAL_RUNNER, DataflowGpu, pipeline_options
 
 STAGING = ".reprocess"  # under the new output root while reprocessing; removed at the end
 _CHANGES, _TO_EMBED = "changes", "embed.txt"
@@ -282,8 +282,9 @@ def _current_segment(change: Change) -> Iterator[SegmentRecord]:
 
 
 def build(p: beam.Pipeline, job: pipeline.Job, previous: Manifest, changes: beam.PCollection,
-          to_embed: Collection[int], description: dict) -> None:
-    """Add the reprocessing stages to `p`: carry over, re-embed `to_embed`, write everything."""
+          to_embed: Collection[int], description: dict, staging: str) -> None:
+    """Add the reprocessing stages to `p`: carry over, re-embed `to_embed`, write everything,
+    remove `staging`, and record the run last."""
     config = job.config
     files = [(f.shard, (previous.file_path(f), f)) for f in previous.files(NODES)]
     split = ({"file": p | "PreviousNodeFiles" >> beam.Create(files),
@@ -301,23 +302,36 @@ def build(p: beam.Pipeline, job: pipeline.Job, previous: Manifest, changes: beam
     embeddings = (nodes
                   | "Embeddings" >> beam.Map(lambda r: (r.point, r.embedding))
                   | "Progress" >> beam.ParDo(pipeline._Progress("embeddings")))
-    pipeline.write_results(job, nodes | "NodePoints" >> beam.Map(lambda r: r.point), embeddings)
+    trees = pipeline.write_results(job, nodes | "NodePoints" >> beam.Map(lambda r: r.point),
+                                   embeddings)
     segments = changes | "CurrentSegments" >> beam.FlatMap(_current_segment)
-    _ = ({SEGMENTS: segments, NODES: nodes}
-         | "Manifest" >> WriteManifest(config.output, description, config.num_shards,
-                                       config.bytewidth))
+    recorded = ({SEGMENTS: segments, NODES: nodes}
+                | "Manifest" >> WriteManifest(config.output, description, config.num_shards,
+                                              config.bytewidth))
+    cleaned = ((trees, recorded)
+               | "Written" >> beam.Flatten()
+               | "AllOutputs" >> beam.combiners.ToList()
+               | "RemoveStaging" >> beam.Map(lambda _, path: _delete_tree(path), staging))
+    pipeline.record_run(job, [cleaned])
 
 
 # The job -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class ReprocessSummary:
-    """What a reprocessing run did. `run` sums the counters and wall time of both jobs."""
+    """What a reprocessing run did. `run` sums the counters and wall time of both jobs (on a
+    remote runner: of the first; the second has only been submitted)."""
 
     run: pipeline.RunSummary
-    changes: dict[str, int]  # segments per class; empty after a full recompute
+    changes: dict[str, int]  # segments per class; empty after --full or while still running
     segments_embedded: int | None  # segments sent to skeletonization (None: full recompute)
     full: bool
+
+
+def _classes(counters: dict[str, int]) -> dict[str, int]:
+    """Segments per class, from the classification's counters."""
+    return {name: counters.get(f"segments_{name}", 0)
+            for name in ("unchanged", "relabelled", "changed", "new", "removed")}
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -433,23 +447,20 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
         to_embed, counters = _classify(job, manifest, staging, beam_args, gpu)
     else:
         changed_ids = to_embed = sorted(set(map(int, changed_ids)))
-    p = beam.Pipeline(options=pipeline_options(beam_args, gpu))
+    options = pipeline_options(beam_args, gpu)
+    p = beam.Pipeline(options=options)
     changes = _changes(p, job, manifest, staging, changed_ids, removed_ids)
-    build(p, job, manifest, changes, to_embed, description)
+    build(p, job, manifest, changes, to_embed, description, staging)
     result = p.run()
+    if options.view_as(StandardOptions).runner != LOCAL_RUNNER:  # submitted; it records itself
+        summary = pipeline.RunSummary(result, counters, {}, 0.0, job.trees, job.model)
+        classes = _classes(counters) if changed_ids is None else {}  # else: still running
+        return ReprocessSummary(summary, classes, len(to_embed), False)
     result.wait_until_finish()
     summary = pipeline._summarize(result, job, time.monotonic() - start)
     for name, value in counters.items():
         summary.counters[name] = summary.counters.get(name, 0) + value
-    classes = {name: summary.counters.get(f"segments_{name}", 0)
-               for name in ("unchanged", "relabelled", "changed", "new", "removed")}
-    _delete_tree(staging)
-    # The run's record goes last: it marks the new tree complete.
-    record = {"config": json.loads(config.to_json()), "model": job.model,
-              "volumes": job.provenance(), "counters": summary.counters,
-              "reprocess": {"previous": manifest.root, "changes": classes,
-                            "by": "fingerprints" if changed_ids is None else "changed ids",
-                            "segments_embedded": len(to_embed)}}
-    with FileSystems.create(FileSystems.join(config.output, pipeline.RUN_FILE)) as f:
-        f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+    classes = _classes(summary.counters)
+    _LOG.info("reprocessed %s from %s: %s segments; %d re-embedded", config.output,
+              manifest.root, classes, len(to_embed))
     return ReprocessSummary(summary, classes, len(to_embed), False)

@@ -128,8 +128,13 @@ def test_reprocess_equals_full_run(runs):
             np.testing.assert_array_equal(found.node_ids, expected.node_ids)
             np.testing.assert_array_equal(found.xyz, expected.xyz)
             np.testing.assert_array_equal(found.embeddings, expected.embeddings)
-    # Beyond the reader: every file but run.json is byte for byte the full run's.
+    # Beyond the reader: every file is byte for byte the full run's, run.json but for its path.
     assert _digests(runs["reprocessed"]) == _digests(runs["full2"])
+    records = [json.loads(Path(root, "run.json").read_text()) for root in
+               (runs["reprocessed"], runs["full2"])]
+    for record in records:
+        record["config"].pop("output")
+    assert records[0] == records[1]
     assert _digests(runs["full1"]) == runs["before"], "the previous run was modified"
 
 
@@ -186,6 +191,23 @@ def test_previous_run_and_output_on_gcs(runs, gcs):
         runs["reprocessed"]).info["tables"]
     written = [m.path for m in FileSystems.match([f"{output}/**"])[0].metadata_list]
     assert written and not [p for p in written if "/." in p[len(output):]], "temporary files left"
+
+
+def test_dataflow_translation_with_changed_ids(runs, tmp_path):
+    from segclr_beam.runner import DataflowGpu
+
+    edits = runs["edits"]
+    out = tmp_path / "dataflow"
+    beam_args = ["--runner=DataflowRunner", "--dry_run=True", "--project=segclr-test",
+                 "--region=us-central1", "--temp_location=gs://segclr-test/tmp"]
+    summary = reprocess.reprocess(
+        runs["full1"], {"segmentation": edits.segmentation, "output": str(out)},
+        changed_ids=edits.changed + edits.new, removed_ids=edits.removed, beam_args=beam_args,
+        gpu=DataflowGpu("nvidia-l4", 1, "g2-standard-8", "us-docker.pkg.dev/p/r/segclr:1"))
+    names = {t.unique_name for t in
+             summary.run.result.job.proto_pipeline.components.transforms.values()}
+    assert {"Classify", "SplitPrevious", "Points", "Embed", "Write", "Manifest", "Record"} <= names
+    assert summary.changes == {} and not (out / "run.json").exists()
 
 
 def test_missing_or_corrupt_manifest(runs, tmp_path):
