@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def gpu_from_args(args: argparse.Namespace) -> DataflowGpu | None:
+    """The Dataflow GPU worker settings the flags ask for, if any."""
+    if not args.gpu_type:
+        return None
+    return DataflowGpu(args.gpu_type, args.gpu_count, args.machine_type, args.container_image)
+
+
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
     config = EmbedConfig.from_json(args.config) if args.config else EmbedConfig()
     fields = [name for name, _, _ in _FIELDS] + ["write_skeletons", "overwrite"]
@@ -77,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     args, beam_args = build_parser().parse_known_args(argv)
-    gpu = (DataflowGpu(args.gpu_type, args.gpu_count, args.machine_type, args.container_image)
-           if args.gpu_type else None)
+    gpu = gpu_from_args(args)
     try:
         summary = pipeline.run(config_from_args(args), beam_args, gpu)
     except (ConfigError, ValueError) as e:

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines import embed
 from segclr_beam.config import ConfigError, EmbedConfig
-from segclr_beam.runner import DataflowGpu, configure_logging
+from segclr_beam.runner import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     args, beam_args = build_parser().parse_known_args(argv)
-    gpu = (DataflowGpu(args.gpu_type, args.gpu_count, args.machine_type, args.container_image)
-           if args.gpu_type else None)
+    gpu = embed.gpu_from_args(args)
     try:
         overrides = overrides_from_args(args)
         for name in ("segmentation", "output"):

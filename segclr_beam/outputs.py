@@ -524,7 +524,7 @@ class _Finalize(beam.DoFn):
         for variant in files_by_variant:
             self._move(variant, [INFO_NAME])
             yield FileSystems.join(self._root, variant, INFO_NAME)
-        _delete_tree(self._temp_root)
+        delete_tree(self._temp_root)
 
     def _move(self, variant: str, names: list[str]) -> None:
         """Rename files from the temporary directory into the variant's tree.
@@ -587,7 +587,7 @@ def _list_names(directory: str, *patterns: str) -> set[str]:
     return {m.path.rstrip("/").rsplit("/", 1)[-1] for r in results for m in r.metadata_list}
 
 
-def _delete_tree(directory: str) -> None:
+def delete_tree(directory: str) -> None:
     """Delete a directory and everything below it, locally or on an object store."""
     if FileSystems.get_scheme(directory) in (None, "file"):
         if FileSystems.exists(directory):

@@ -116,7 +116,7 @@ def prepare(config: EmbedConfig) -> Job:
     return Job(config, em, segmentation, bbox, model_dir, identity)
 
 
-class _Progress(beam.DoFn):
+class Progress(beam.DoFn):
     """Passes elements through and logs how many went by, at most every `seconds`."""
 
     def __init__(self, what: str, seconds: float = 10.0):
@@ -188,7 +188,7 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     embeddings = (
         masked
         | "Embed" >> inference.Embed(job.model_dir, config.batch_size)
-        | "Progress" >> beam.ParDo(_Progress("embedded cutouts")))
+        | "Progress" >> beam.ParDo(Progress("embedded cutouts")))
     trees = write_results(job, sample_points, embeddings)
     recorded = ({"cutouts": masked, "embeddings": embeddings}
                 | "Manifest" >> manifest.RecordManifest(job, skeleton_options(config)))
@@ -218,7 +218,8 @@ class RunSummary:
     model: dict
 
 
-def _summarize(result, job: Job, wall: float) -> RunSummary:
+def summarize(result, job: Job, wall: float) -> RunSummary:
+    """The counters and per-stage seconds of a finished local run."""
     counters = {m.key.metric.name: m.committed
                 for m in result.metrics().query()["counters"] if m.key.metric.namespace == "segclr"}
     seconds = dict.fromkeys(STAGES, 0.0)
@@ -241,4 +242,4 @@ def run(config: EmbedConfig, beam_args: list[str] | None = None, gpu=None) -> Ru
     if options.view_as(StandardOptions).runner != LOCAL_RUNNER:
         return RunSummary(result, {}, {}, 0.0, job.trees, job.model)
     result.wait_until_finish()
-    return _summarize(result, job, time.monotonic() - start)
+    return summarize(result, job, time.monotonic() - start)

@@ -41,7 +41,7 @@ from segclr_beam.manifest import (NODES, SEGMENTS, Fingerprints, Manifest, Manif
                                   NodeRecord, ReadTable, SegmentRecord, WriteManifest, as_long,
                                   as_uint64, cutout_digest, cutout_key, describe_run,
                                   differences, fingerprint_box, read_table_file)
-from segclr_beam.outputs import _delete_tree
+from segclr_beam.outputs import delete_tree
 from segclr_beam.runner import LOCAL_RUNNER, DataflowGpu, pipeline_options
 
 STAGING = ".reprocess"  # under the new output root while reprocessing; removed at the end
@@ -301,7 +301,7 @@ def build(p: beam.Pipeline, job: pipeline.Job, previous: Manifest, changes: beam
     nodes = nodes | "AllNodes" >> beam.Flatten()
     embeddings = (nodes
                   | "Embeddings" >> beam.Map(lambda r: (r.point, r.embedding))
-                  | "Progress" >> beam.ParDo(pipeline._Progress("embeddings")))
+                  | "Progress" >> beam.ParDo(pipeline.Progress("embeddings")))
     trees = pipeline.write_results(job, nodes | "NodePoints" >> beam.Map(lambda r: r.point),
                                    embeddings)
     segments = changes | "CurrentSegments" >> beam.FlatMap(_current_segment)
@@ -311,7 +311,7 @@ def build(p: beam.Pipeline, job: pipeline.Job, previous: Manifest, changes: beam
     cleaned = ((trees, recorded)
                | "Written" >> beam.Flatten()
                | "AllOutputs" >> beam.combiners.ToList()
-               | "RemoveStaging" >> beam.Map(lambda _, path: _delete_tree(path), staging))
+               | "RemoveStaging" >> beam.Map(lambda _, path: delete_tree(path), staging))
     pipeline.record_run(job, [cleaned])
 
 
@@ -441,7 +441,7 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
 
     beam_args = list(beam_args or [])
     staging = FileSystems.join(config.output.rstrip("/"), STAGING)
-    _delete_tree(staging)
+    delete_tree(staging)
     counters: dict[str, int] = {}
     if changed_ids is None:
         to_embed, counters = _classify(job, manifest, staging, beam_args, gpu)
@@ -457,7 +457,7 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
         classes = _classes(counters) if changed_ids is None else {}  # else: still running
         return ReprocessSummary(summary, classes, len(to_embed), False)
     result.wait_until_finish()
-    summary = pipeline._summarize(result, job, time.monotonic() - start)
+    summary = pipeline.summarize(result, job, time.monotonic() - start)
     for name, value in counters.items():
         summary.counters[name] = summary.counters.get(name, 0) + value
     classes = _classes(summary.counters)
