@@ -9,9 +9,9 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
+from segclr_beam.outputs import FORMATS
 from segclr_beam.volume import DEFAULT_RESOLUTION
 
-FORMATS = ("csv_zip", "tfrecord")
 COORDINATES = ("voxels", "nm")
 
 
