@@ -42,7 +42,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam.outputs import shard_of
-from segclr_beam.points import Point
+from segclr_beam.points import Point, as_long, as_uint64
 from segclr_beam.skeleton import SkeletonOptions, plan_chunks
 from segclr_beam.volume import Box, Volume
 
@@ -60,7 +60,6 @@ BINDING = ("model", "em", "resolution_nm", "bbox", "chunk_size", "skeleton", "cu
            "points", "segments")
 _SLAB_VOXELS = 1 << 21  # voxels sorted at once while fingerprinting a chunk
 _SYNC_MARKER = hashlib.md5(b"segclr_beam.manifest").digest()  # fixed: reruns give equal bytes
-_UINT64 = 1 << 64
 
 
 class ManifestError(ValueError):
@@ -194,16 +193,6 @@ def cutout_digest(cutout: np.ndarray, key: bytes) -> bytes:
 
 
 # Tables --------------------------------------------------------------------------------------
-
-def as_long(segment_id: int) -> int:
-    """A uint64 segment id as the Avro long (int64) with the same bits."""
-    return segment_id - _UINT64 if segment_id >= 1 << 63 else segment_id
-
-
-def as_uint64(value: int) -> int:
-    """The uint64 segment id stored in an Avro long."""
-    return value + _UINT64 if value < 0 else value
-
 
 _DIGEST = {"type": "fixed", "name": "Digest", "size": DIGEST_SIZE}
 _ID_DOC = "a uint64 stored as the int64 with the same bits"

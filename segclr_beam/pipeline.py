@@ -26,7 +26,7 @@ from segclr_beam.volume import Box, Volume, VolumeError, open_volumes
 
 POINTS_FILE = "points.avro"
 RUN_FILE = "run.json"
-RAW = "raw"
+RAW = outputs.variant_name(None)
 _LOG = logging.getLogger(__name__)
 # Top-level step names, in data-flow order; the run summary reports time per step.
 STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write", "Manifest",
@@ -46,7 +46,7 @@ class Job:
 
     @property
     def variants(self) -> dict[str, float | None]:
-        return {RAW: None, **{outputs.variant_name(r): float(r) for r in self.config.radii_nm}}
+        return outputs.output_variants(self.config.radii_nm)
 
     @property
     def trees(self) -> dict[str, str]:
@@ -106,8 +106,7 @@ def prepare(config: EmbedConfig) -> Job:
         raise ConfigError(f"bbox: {bbox} lies outside the volumes' common voxels {both}")
     if config.points is None and not bbox == bbox.intersect(segmentation.bounds):
         raise ConfigError(f"bbox: {bbox} leaves the segmentation's voxels {segmentation.bounds}")
-    job_variants = {RAW: None, **{outputs.variant_name(r): r for r in config.radii_nm}}
-    _check_output(config, job_variants)
+    _check_output(config, outputs.output_variants(config.radii_nm))
     model_dir = _resolve_model(config)
     identity = model.model_identity(model_dir)
     if identity["architecture"]["input_size"] != config.cutout_size:

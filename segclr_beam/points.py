@@ -239,10 +239,20 @@ class SkeletonSource:
 
 # Tables and Avro files ---------------------------------------------------------------------
 
+def as_long(segment_id: int) -> int:
+    """A uint64 segment id as the Avro long (int64) with the same bits."""
+    return segment_id - _UINT64 if segment_id >= 1 << 63 else segment_id
+
+
+def as_uint64(value: int) -> int:
+    """The uint64 segment id stored in an Avro long."""
+    return value + _UINT64 if value < 0 else value
+
+
 def write_avro(stream: io.IOBase, points: Iterable[Point]) -> None:
     """Write points to an open binary stream as Avro, sorted, with deterministic bytes."""
-    records = ({"segment_id": p.segment_id - _UINT64 if p.segment_id >= 1 << 63 else p.segment_id,
-                "node_id": p.node_id, "x": p.x, "y": p.y, "z": p.z} for p in sorted(points))
+    records = ({"segment_id": as_long(p.segment_id), "node_id": p.node_id,
+                "x": p.x, "y": p.y, "z": p.z} for p in sorted(points))
     fastavro.writer(stream, AVRO_SCHEMA, records, codec="deflate", sync_marker=_SYNC_MARKER)
 
 
@@ -295,7 +305,7 @@ def _integer(cell, what: str, where: str, whole_float: bool = False) -> int:
 def _row(values: dict, where: str, has_node_id: bool) -> TableRow:
     segment_id = _integer(values["segment_id"], "segment_id", where)
     if -(1 << 63) <= segment_id < 0:
-        segment_id += _UINT64  # a uint64 stored in an Avro long
+        segment_id = as_uint64(segment_id)  # a uint64 stored in an Avro long
     if not 0 < segment_id < _UINT64:
         raise PointsError(f"{where}: segment_id must be in 1 .. 2**64-1, got {segment_id}")
     node_id = None

@@ -38,10 +38,11 @@ from apache_beam.options.pipeline_options import StandardOptions
 from segclr_beam import cutouts, inference, pipeline
 from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.manifest import (NODES, SEGMENTS, Fingerprints, Manifest, ManifestError,
-                                  NodeRecord, ReadTable, SegmentRecord, WriteManifest, as_long,
-                                  as_uint64, cutout_digest, cutout_key, describe_run,
-                                  differences, fingerprint_box, read_table_file)
+                                  NodeRecord, ReadTable, SegmentRecord, WriteManifest,
+                                  cutout_digest, cutout_key, describe_run, differences,
+                                  fingerprint_box, read_table_file)
 from segclr_beam.outputs import delete_tree
+from segclr_beam.points import as_long, as_uint64
 from segclr_beam.runner import LOCAL_RUNNER, DataflowGpu, pipeline_options
 
 STAGING = ".reprocess"  # under the new output root while reprocessing; removed at the end
