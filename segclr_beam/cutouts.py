@@ -199,9 +199,7 @@ class CutoutReader:
     def chunk_bytes(self, boxes: Iterable[Box]) -> int:
         """Bytes of whole storage chunks that reading `boxes` decodes (with no chunk cache)."""
         if self._grids is None:
-            self._grids = [(v, tuple(v.store.chunk_layout.read_chunk.shape),
-                            tuple(v.store.chunk_layout.grid_origin))
-                           for v in (self.em, self.segmentation)]
+            self._grids = [(v, *v.chunks) for v in (self.em, self.segmentation)]
         return sum(_chunk_bytes(box, v, chunk, origin)
                    for box in boxes for v, chunk, origin in self._grids)
 

@@ -1,8 +1,14 @@
-"""EM and segmentation volumes: open a TensorStore at one resolution, read voxel boxes.
+"""EM and segmentation volumes: open one at one resolution, read voxel boxes.
 
 A volume is addressed in voxels at the embedding resolution, axes (x, y, z), as in
 Neuroglancer. Reads outside the stored domain give zeros, so a window near the edge of the
 dataset needs no special case downstream.
+
+TensorStore reads every volume it can decode. Precomputed volumes as cloud-volume and igneous
+write them are read with cloud-volume where TensorStore cannot: compresso and crackle chunks,
+and local chunk files compressed by cloud-files (`NAME.gz`, its default for local paths; on GCS
+it sets Content-Encoding instead, which TensorStore reads). The choice is made when the volume
+is opened; `Volume.describe()` names it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,6 +28,10 @@ _SCHEMES = {"precomputed": "neuroglancer_precomputed", "zarr": "zarr", "zarr3": 
 # Marker files that tell which driver a bare path holds, in the order they are tried.
 _MARKERS = (("info", "neuroglancer_precomputed"), ("zarr.json", "zarr3"), (".zarray", "zarr"),
             ("attributes.json", "n5"))
+TENSORSTORE, CLOUD_VOLUME = "tensorstore", "cloud-volume"
+# Precomputed chunk encodings that only cloud-volume decodes.
+CLOUD_VOLUME_ENCODINGS = ("compresso", "crackle")
+_SCANNED_CHUNK_FILES = 64  # directory entries looked at for compressed chunk files
 
 
 class VolumeError(ValueError):
@@ -91,15 +102,66 @@ class PendingRead:
         return out
 
 
+class _TensorStoreReader:
+    """A volume read by TensorStore, as a 3-D (x, y, z) view."""
+
+    def __init__(self, spec: dict, name: str):
+        self.store = _xyz_view(ts.open(spec, read=True).result(), name)
+        self.bounds = Box(self.store.domain.inclusive_min, self.store.domain.exclusive_max)
+        self.dtype = np.dtype(self.store.dtype.numpy_dtype)
+        self.resolution = _units_nm(self.store)
+        layout = self.store.chunk_layout
+        self.chunks = tuple(layout.read_chunk.shape), tuple(layout.grid_origin)
+
+    def read(self, box: Box, order: str) -> Any:
+        return self.store[box.slices()].read(order=order)
+
+
+class _CloudVolumeReader:
+    """A precomputed volume read by cloud-volume, one read at a time on a thread of its own
+    (reads of different volumes still overlap, as TensorStore's do)."""
+
+    def __init__(self, spec: dict, name: str):
+        from cloudvolume import CloudVolume
+
+        if "transform" in spec:
+            raise VolumeError(f"{name}: a transform is not supported for volumes read by "
+                              "cloud-volume (compresso, crackle or gzip-compressed chunk files)")
+        # parallel=1: no process pool inside a Beam worker; fill_missing: absent chunks are
+        # background, as in TensorStore; no cache: reads are already one per block.
+        self._volume = CloudVolume(_cloud_path(spec), mip=spec["scale_index"], bounded=True,
+                                   fill_missing=True, parallel=1, progress=False, cache=False)
+        if self._volume.num_channels != 1:
+            raise VolumeError(f"{name}: expected one channel, found {self._volume.num_channels}")
+        bounds = self._volume.bounds
+        self.bounds = Box(bounds.minpt, bounds.maxpt)
+        self.dtype = np.dtype(self._volume.dtype)
+        self.resolution = tuple(float(r) for r in self._volume.resolution)
+        self.chunks = (tuple(int(c) for c in self._volume.chunk_size),
+                       tuple(int(o) for o in self._volume.voxel_offset))
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"cloud-volume-{name}")
+
+    def read(self, box: Box, order: str) -> Future:
+        return self._thread.submit(self._read, box, order)
+
+    def _read(self, box: Box, order: str) -> np.ndarray:
+        x, y, z = (slice(a, b) for a, b in zip(box.start, box.stop))
+        return np.array(self._volume[x, y, z][..., 0], order=order)
+
+
+_READERS = {TENSORSTORE: _TensorStoreReader, CLOUD_VOLUME: _CloudVolumeReader}
+
+
 @dataclasses.dataclass
 class Volume:
-    """One opened volume. Pickles as its spec, so Beam workers reopen it lazily."""
+    """One opened volume. Pickles as its spec and reader, so Beam workers reopen it lazily."""
 
     name: str
     spec: dict
     resolution: tuple[float, float, float]
     bounds: Box
     dtype: np.dtype
+    reader: str = TENSORSTORE  # which library reads it: TENSORSTORE or CLOUD_VOLUME
     _store: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __getstate__(self):
@@ -108,10 +170,16 @@ class Volume:
         return state
 
     @property
-    def store(self) -> ts.TensorStore:
+    def store(self) -> _TensorStoreReader | _CloudVolumeReader:
+        """The opened reader (opened on first use)."""
         if self._store is None:
-            self._store = _xyz_view(ts.open(self.spec, read=True).result(), self.name)
+            self._store = _READERS[self.reader](self.spec, self.name)
         return self._store
+
+    @property
+    def chunks(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """The storage chunk shape and the origin of the chunk grid, (x, y, z) voxels."""
+        return self.store.chunks
 
     def read_async(self, box: Box, order: str = "C") -> PendingRead:
         """Start reading `box`; voxels outside the volume come back as zeros.
@@ -122,7 +190,7 @@ class Volume:
         inside = box.intersect(self.bounds)
         future = None
         if not inside.is_empty():
-            future = self.store[inside.slices()].read(order=order)
+            future = self.store.read(inside, order)
         return PendingRead(box, inside, self.dtype, future, order)
 
     def read(self, box: Box) -> np.ndarray:
@@ -130,7 +198,7 @@ class Volume:
 
     def describe(self) -> str:
         res = " x ".join(f"{r:g}" for r in self.resolution)
-        return f"{self.name}: {self.dtype} at {res} nm, voxels {self.bounds}"
+        return f"{self.name}: {self.dtype} at {res} nm, voxels {self.bounds}, read by {self.reader}"
 
 
 def parse_source(source: str | dict) -> dict:
@@ -190,20 +258,66 @@ def _xyz_view(store: ts.TensorStore, name: str) -> ts.TensorStore:
     return store
 
 
-def _precomputed_scale(spec: dict, name: str, resolution: Sequence[float]) -> dict:
-    """Select the scale of a precomputed volume by its resolution."""
-    kv = ts.KvStore.open(spec["kvstore"]).result()
-    found = kv.read("info").result()
+def _precomputed_info(spec: dict, name: str) -> dict:
+    """The `info` file of a precomputed volume."""
+    found = ts.KvStore.open(spec["kvstore"]).result().read("info").result()
     if found.state != "value":
         raise VolumeError(f"{name}: no precomputed info file at {spec['kvstore']}")
-    info = json.loads(bytes(found.value))
+    try:
+        return json.loads(bytes(found.value))
+    except json.JSONDecodeError as e:
+        raise VolumeError(f"{name}: malformed precomputed info at {spec['kvstore']}: {e}") from None
+
+
+def _precomputed_scale(info: dict, name: str, resolution: Sequence[float]) -> int:
+    """The index of the scale of a precomputed volume at `resolution`."""
     available = [tuple(float(v) for v in s["resolution"]) for s in info.get("scales", [])]
     for index, res in enumerate(available):
         if np.allclose(res, resolution, rtol=1e-3):
-            return {**spec, "scale_index": index}
+            return index
     raise VolumeError(
         f"{name}: no scale at resolution {_fmt(resolution)} nm; it has "
         + ", ".join(_fmt(r) for r in available))
+
+
+def _precomputed_reader(spec: dict, info: dict, name: str) -> str:
+    """CLOUD_VOLUME where the chosen scale holds chunks TensorStore cannot decode: compresso
+    or crackle, or local chunk files compressed by cloud-files; TENSORSTORE otherwise."""
+    scales = info.get("scales", [])
+    if not 0 <= spec["scale_index"] < len(scales):
+        raise VolumeError(f"{name}: scale_index {spec['scale_index']} outside the "
+                          f"{len(scales)} scales of {spec['kvstore']}")
+    scale = scales[spec["scale_index"]]
+    if scale.get("encoding") in CLOUD_VOLUME_ENCODINGS:
+        return CLOUD_VOLUME
+    url = ts.KvStore.open(spec["kvstore"]).result().url
+    if url.startswith("file://") and _holds_compressed_files(
+            os.path.join(url[len("file://"):], scale["key"])):
+        return CLOUD_VOLUME
+    return TENSORSTORE
+
+
+def _holds_compressed_files(directory: str) -> bool:
+    """Whether the first files of a local chunk directory carry a cloud-files compression
+    suffix (cloud-volume writes every chunk of a scale with the same compression)."""
+    from cloudfiles.interfaces import COMPRESSION_EXTENSIONS
+
+    try:
+        with os.scandir(directory) as entries:
+            for _, entry in zip(range(_SCANNED_CHUNK_FILES), entries):
+                if entry.name.endswith(COMPRESSION_EXTENSIONS):
+                    return True
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # no chunk written yet: every voxel is background, TensorStore reads it so
+    return False
+
+
+def _cloud_path(spec: dict) -> str:
+    """cloud-volume's path of a precomputed spec's kvstore (file:// or gs:// URL)."""
+    url = ts.KvStore.open(spec["kvstore"]).result().url.rstrip("/")
+    if spec.get("path"):
+        url += "/" + spec["path"].strip("/")
+    return url
 
 
 def _fmt(res: Sequence[float]) -> str:
@@ -231,20 +345,27 @@ def open_volume(source: str | dict, name: str,
     if not isinstance(spec, dict) or "driver" not in spec:
         raise VolumeError(f"{name}: malformed TensorStore spec (no 'driver'): {spec!r}")
     resolution = tuple(float(v) for v in resolution)
-    if spec["driver"] == "neuroglancer_precomputed" and "scale_index" not in spec:
-        spec = _precomputed_scale(spec, name, resolution)
+    reader = TENSORSTORE
+    if spec["driver"] == "neuroglancer_precomputed":
+        info = _precomputed_info(spec, name)
+        if "scale_index" not in spec:
+            spec = {**spec, "scale_index": _precomputed_scale(info, name, resolution)}
+        reader = _precomputed_reader(spec, info, name)
     try:
-        store = _xyz_view(ts.open(spec, read=True).result(), name)
+        store = _READERS[reader](spec, name)
+    except VolumeError:
+        raise
     except ValueError as e:
         raise VolumeError(f"{name}: cannot open {json.dumps(spec)}: {e}") from None
-    found = _units_nm(store)
+    found = store.resolution
     if found is None:
         logging.warning("%s has no voxel size in its metadata; taking it as %s nm", name,
                         _fmt(resolution))
     elif not np.allclose(found, resolution, rtol=1e-3):
         raise VolumeError(f"{name}: resolution {_fmt(found)} nm, requested {_fmt(resolution)} nm")
-    bounds = Box(store.domain.inclusive_min, store.domain.exclusive_max)
-    return Volume(name, spec, resolution, bounds, np.dtype(store.dtype.numpy_dtype), store)
+    volume = Volume(name, spec, resolution, store.bounds, store.dtype, reader, store)
+    logging.info("%s", volume.describe())
+    return volume
 
 
 def open_volumes(em_source: str | dict, segmentation_source: str | dict,

@@ -33,11 +33,13 @@ class FakeGcs:
         return f"gs://{self.bucket}/{prefix}"
 
 
-def _send_generation(download):
-    """The emulator's media download plus the x-goog-generation header that real GCS sends.
+def _send_headers_like_gcs(download):
+    """The emulator's media download plus two headers that real GCS sends.
 
-    TensorStore tells object versions apart by it; without it, concurrent reads of one
-    object fail with "Malformed StorageGeneration".
+    x-goog-generation: TensorStore tells object versions apart by it; without it, concurrent
+    reads of one object fail with "Malformed StorageGeneration". Content-Encoding: an object
+    stored gzip-compressed (as cloud-volume writes chunks) is served compressed with it to a
+    client that accepts gzip, as TensorStore does; without it the client sees gzip bytes.
     """
 
     def handler(request, response, storage, *args, **kwargs):
@@ -45,6 +47,8 @@ def _send_generation(download):
         if response.status.value in (200, 206):  # whole object or a byte range
             obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = str(obj["generation"])
+            if obj.get("contentEncoding"):
+                response["Content-Encoding"] = obj["contentEncoding"]
 
     return handler
 
@@ -55,7 +59,7 @@ def gcs() -> FakeGcs:
     from gcp_storage_emulator.server import create_server
 
     download = emulator.objects.download
-    patched = _send_generation(download)
+    patched = _send_headers_like_gcs(download)
     emulator.objects.download = patched  # the JSON API's "get ?alt=media" calls it by name
     for _, handlers in emulator.HANDLERS:
         for method, handler in handlers.items():

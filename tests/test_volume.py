@@ -129,3 +129,162 @@ def test_bounds_that_do_not_overlap(tmp_path, pair):
 def test_malformed_spec(source, message):
     with pytest.raises(VolumeError, match=message):
         open_volume(source, "segmentation")
+
+
+# ---------------------------------------------------------------- volumes cloud-volume writes
+
+CV_OFFSET, CV_CHUNK = (5, 7, 3), (32, 32, 16)  # unlike the project's 64^3 chunks at the origin
+
+
+def write_with_cloudvolume(url, array, encoding, offset=CV_OFFSET, compress=None):
+    """`array` ([x, y, z]) written by cloud-volume as igneous does: its defaults (chunk files
+    gzip-compressed on local disk) unless `compress` says otherwise."""
+    from cloudvolume import CloudVolume
+
+    segmentation = np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8
+    info = CloudVolume.create_new_info(
+        num_channels=1, layer_type="segmentation" if segmentation else "image",
+        data_type=array.dtype.name, encoding=encoding, resolution=[32, 32, 33],
+        voxel_offset=list(offset), volume_size=list(array.shape), chunk_size=list(CV_CHUNK))
+    options = {} if compress is None else {"compress": compress}
+    volume = CloudVolume(url, info=info, progress=False, **options)
+    volume.commit_info()
+    volume[tuple(slice(o, o + n) for o, n in zip(offset, array.shape))] = array
+    return url
+
+
+def smooth_em(shape, seed=0):
+    """EM-like uint8 (smooth with noise), so that jpeg keeps it close."""
+    rng = np.random.default_rng(seed)
+    ramp = np.indices(shape).sum(axis=0) / 5.0
+    return (128 + 60 * np.sin(ramp) + rng.normal(0, 5, shape)).clip(0, 255).astype(np.uint8)
+
+
+def block_labels(shape, seed=0, dtype=np.uint64):
+    """Segment-like labels: boxes of a few ids (one above 2^63) and background."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([0, 7, 12345, 2**40 + 3, 2**63 + 11], dtype=np.uint64).astype(dtype)
+    coarse = ids[rng.integers(0, len(ids), tuple(-(-n // 4) for n in shape))]
+    return np.repeat(np.repeat(np.repeat(coarse, 4, 0), 4, 1), 4, 2)[
+        :shape[0], :shape[1], :shape[2]]
+
+
+CV_CASES = [  # encoding, data, how cloud-volume stores it, which reader the project picks
+    ("raw", "em", None, "cloud-volume"),  # NAME.gz chunk files
+    ("raw", "em", False, "tensorstore"),
+    ("jpeg", "em", None, "tensorstore"),  # cloud-volume never gzips jpeg chunks
+    ("compressed_segmentation", "seg", None, "cloud-volume"),
+    ("compressed_segmentation", "seg", False, "tensorstore"),
+    ("compresso", "seg", None, "cloud-volume"),
+    ("crackle", "seg", None, "cloud-volume"),
+    ("crackle", "seg32", False, "cloud-volume"),
+]
+
+
+@pytest.mark.parametrize("encoding, data, compress, reader", CV_CASES)
+def test_volumes_written_by_cloudvolume_read_like_our_own(tmp_path, encoding, data, compress,
+                                                         reader):
+    from cloudvolume import CloudVolume
+
+    shape = (70, 50, 40)
+    array = {"em": smooth_em, "seg": block_labels,
+             "seg32": lambda s: block_labels(s, dtype=np.uint32)}[data](shape)
+    url = write_with_cloudvolume(f"file://{tmp_path}/cv", array, encoding, compress=compress)
+    ours = write_precomputed(tmp_path / "ours", array, offset=CV_OFFSET)
+    volume, reference = open_volume(str(tmp_path / "cv"), "v"), open_volume(ours, "v")
+    assert volume.reader == reader and reader in volume.describe()
+    assert (volume.bounds, volume.dtype) == (reference.bounds, reference.dtype)
+    assert volume.chunks == (CV_CHUNK, CV_OFFSET)
+    # A box across the volume's lower corner and chunk boundaries, and one beyond it.
+    for box in (Box((0, 0, 0), (40, 41, 22)), Box((60, 30, 30), (90, 60, 50)),
+                Box((100, 0, 0), (110, 10, 10))):
+        got = volume.read(box)
+        assert got.dtype == array.dtype
+        if encoding == "jpeg":  # lossy: the same decode as cloud-volume's, close to the array
+            inside = box.intersect(volume.bounds)
+            expected = reference.read(box)
+            if not inside.is_empty():
+                x, y, z = (slice(a, b) for a, b in zip(inside.start, inside.stop))
+                decoded = np.asarray(CloudVolume(url, progress=False)[x, y, z])[..., 0]
+                np.testing.assert_array_equal(got[inside.slices(box.start)], decoded)
+                assert np.abs(decoded.astype(int) - expected[inside.slices(box.start)]).mean() < 6
+            assert not got[expected == 0].any()  # zeros exactly outside the volume
+        else:
+            np.testing.assert_array_equal(got, reference.read(box))
+    assert volume.read(volume.bounds).any()
+    fortran = volume.read_async(Box((5, 7, 3), (20, 20, 20)), order="F").result()
+    assert fortran.flags.f_contiguous
+    np.testing.assert_array_equal(fortran, volume.read(Box((5, 7, 3), (20, 20, 20))))
+
+
+def test_cloudvolume_reader_pickles_as_its_spec(tmp_path):
+    import pickle
+
+    array = block_labels((40, 40, 20))
+    write_with_cloudvolume(f"file://{tmp_path}/seg", array, "crackle")
+    volume = open_volume(str(tmp_path / "seg"), "segmentation")
+    volume.read(volume.bounds)
+    copy = pickle.loads(pickle.dumps(volume))
+    assert copy._store is None and copy.reader == "cloud-volume"
+    np.testing.assert_array_equal(copy.read(copy.bounds), array)
+
+
+def test_cloudvolume_volumes_on_gcs(tmp_path, gcs):
+    """cloud-volume writes through the emulator (google-cloud-storage follows
+    STORAGE_EMULATOR_HOST): crackle is read by cloud-volume, gzip'd raw chunks (stored with
+    Content-Encoding: gzip) by TensorStore."""
+    em, labels = smooth_em((70, 50, 40)), block_labels((70, 50, 40))
+    for name, array, encoding, reader in (("em", em, "raw", "tensorstore"),
+                                          ("seg", labels, "crackle", "cloud-volume")):
+        url = write_with_cloudvolume(f"gs://{gcs.bucket}/cloudvolume/{name}", array, encoding)
+        volume = open_volume(url, name)
+        assert volume.reader == reader
+        np.testing.assert_array_equal(volume.read(volume.bounds), array)
+
+
+def test_job_on_volumes_written_by_cloudvolume(synthetic_dataset, small_model, tmp_path):
+    """The synthetic dataset copied by cloud-volume (raw EM, crackle segmentation, gzip chunk
+    files, a voxel offset, 32 x 32 x 16 chunks) gives the same points, shifted by the offset,
+    and the same embeddings: the cutouts are equal, only their batches differ."""
+    from segclr_beam import pipeline, points, synth
+    from segclr_beam.config import EmbedConfig
+    from segclr_beam.reader import EmbeddingReader
+    from tolerance import assert_embeddings_close
+
+    offset = np.array((37, 21, 9))
+    bbox = np.array((0, 0, 0, 96, 96, 64))
+    copied = Box((0, 0, 0), (128, 128, 96))  # the box and the cutouts' reach beyond it
+    sources = {}
+    for name, source, encoding in (("em", synthetic_dataset.em, "raw"),
+                                   ("segmentation", synthetic_dataset.segmentation, "crackle")):
+        volume = open_volume(source, name, synth.RESOLUTION)
+        url = write_with_cloudvolume(f"file://{tmp_path}/{name}", volume.read(copied), encoding,
+                                     offset=tuple(offset))
+        assert open_volume(url[len("file://"):], name, synth.RESOLUTION).reader == "cloud-volume"
+        sources[name] = url[len("file://"):]
+
+    def run(em, segmentation, box, out):
+        pipeline.run(EmbedConfig(em=em, segmentation=segmentation, model=small_model,
+                                 output=str(out), resolution=synth.RESOLUTION,
+                                 bbox=tuple(int(v) for v in box), chunk_size=64, block_size=64,
+                                 cutout_size=33, batch_size=8, num_shards=4, bytewidth=8,
+                                 formats=("csv_zip",)))
+        return out
+
+    ours = run(synthetic_dataset.em, synthetic_dataset.segmentation, bbox, tmp_path / "ours")
+    theirs = run(sources["em"], sources["segmentation"], bbox + np.tile(offset, 2),
+                 tmp_path / "theirs")
+    expected = points.read_points(str(ours / pipeline.POINTS_FILE))
+    found = points.read_points(str(theirs / pipeline.POINTS_FILE))
+    assert len(expected) > 20
+    assert found == [p._replace(x=p.x + offset[0], y=p.y + offset[1], z=p.z + offset[2])
+                     for p in expected]
+    for variant in ("raw", "agg10um", "agg25um"):
+        reference = {s.segment_id: s for s in EmbeddingReader(str(ours / variant))}
+        segments = {s.segment_id: s for s in EmbeddingReader(str(theirs / variant))}
+        assert sorted(segments) == sorted(reference)
+        for segment_id, segment in segments.items():
+            np.testing.assert_array_equal(segment.node_ids, reference[segment_id].node_ids)
+            np.testing.assert_array_equal(segment.xyz, reference[segment_id].xyz + offset)
+            assert_embeddings_close(segment.embeddings, reference[segment_id].embeddings,
+                                    f"{variant} segment {segment_id}")
