@@ -14,6 +14,9 @@ setup(
     package_data={"pipelines": ["*.json"]},
     install_requires=[
         "apache-beam[gcp]==2.77.*",
+        "cloud-volume>=12.0",  # precomputed volumes TensorStore cannot decode
+        "compresso>=3.3",
+        "crackle-codec>=0.55",
         "fastavro>=1.9",
         "fastremap>=1.14",
         "google-cloud-storage>=2.14",

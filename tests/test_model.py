@@ -17,7 +17,8 @@ from segclr_beam import model as segclr_model
 from segclr_beam.model import Architecture, CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
-TSV = REPO.parent / "shared" / "spec" / "segclr-tf1-checkpoint-variables.tsv"
+# Every variable of the published checkpoints: name, dtype, shape.
+TSV = REPO / "tests" / "data" / "segclr-tf1-checkpoint-variables.tsv"
 SMALL = Architecture(widths=(4, 8, 8, 16), input_size=33, bottleneck_width=16, embedding_dim=8)
 # Published widths on a small input: the checkpoint variables do not depend on input size.
 PUBLISHED_WIDTHS = Architecture(input_size=33)

@@ -19,6 +19,7 @@ from segclr_beam import manifest, model, pipeline, reprocess, synth
 from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.reader import EmbeddingReader
 from segclr_beam.volume import open_volume
+from tolerance import assert_embeddings_close
 
 SHAPE = (96, 96, 64)
 VARIANTS = ("raw", "agg10um", "agg25um")
@@ -114,27 +115,84 @@ def _digests(root: str) -> dict[str, str]:
             for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != "run.json"}
 
 
+def _without_embeddings(digests: dict[str, str]) -> dict[str, str]:
+    """The files that hold no embedding values (points, segment fingerprints, info files)."""
+    return {name: digest for name, digest in digests.items()
+            if not name.endswith((".zip", ".tfrecord")) and not name.startswith(
+                (f"{manifest.MANIFEST_DIR}/{manifest.NODES}/",
+                 f"{manifest.MANIFEST_DIR}/{manifest.MANIFEST_FILE}"))}
+
+
 def _segments(tree: str) -> dict[int, object]:
     return {s.segment_id: s for s in EmbeddingReader(tree)}
 
 
-def test_reprocess_equals_full_run(runs):
+def _nodes(root: str) -> dict[tuple[int, int], manifest.NodeRecord]:
+    return {(r.point.segment_id, r.point.node_id): r
+            for r in manifest.Manifest.open(root).read(manifest.NODES)}
+
+
+def _check_contract(root: str, runs: dict, carried: dict[int, int]) -> int:
+    """The equality contract of reprocessing against a full run on the new version (README).
+
+    Segments, nodes, points, cutout digests and every file without embeddings: equal. Raw
+    embeddings of carried segments (`carried`: new id -> previous id) and of nodes whose
+    cutout a previous, stale node had: the previous run's, bit for bit. Re-embedded nodes:
+    within BATCH_TOLERANCE of the full run's (the model saw them in other batches). Radius
+    means: the previous run's, bit for bit, for carried segments; within BATCH_TOLERANCE of
+    the full run's otherwise. Returns the number of nodes the model re-embedded.
+    """
+    previous, full, found = (_nodes(r) for r in (runs["full1"], runs["full2"], root))
+    assert sorted(found) == sorted(full)
+    stale: dict[bytes, set[bytes]] = {}
+    for (segment_id, _), record in previous.items():
+        if segment_id not in carried.values():
+            stale.setdefault(record.cutout_digest, set()).add(record.embedding.tobytes())
+    reembedded = 0
+    for (segment_id, node_id), record in found.items():
+        expected = full[segment_id, node_id]
+        assert (record.point, record.cutout_digest) == (expected.point, expected.cutout_digest)
+        if segment_id in carried:
+            old = previous[carried[segment_id], node_id].embedding
+            assert record.embedding.tobytes() == old.tobytes(), (segment_id, node_id)
+        elif record.cutout_digest in stale:
+            assert record.embedding.tobytes() in stale[record.cutout_digest], (segment_id, node_id)
+        else:
+            reembedded += 1
+        assert_embeddings_close(record.embedding, expected.embedding,
+                                f"node {segment_id}:{node_id}")
+
     for variant in VARIANTS:
-        full = _segments(f"{runs['full2']}/{variant}")
-        again = _segments(f"{runs['reprocessed']}/{variant}")
-        assert sorted(again) == sorted(full), variant
-        for segment_id, expected in full.items():
-            found = again[segment_id]
-            np.testing.assert_array_equal(found.node_ids, expected.node_ids)
-            np.testing.assert_array_equal(found.xyz, expected.xyz)
-            np.testing.assert_array_equal(found.embeddings, expected.embeddings)
-    # Beyond the reader: every file is byte for byte the full run's, run.json but for its path.
-    assert _digests(runs["reprocessed"]) == _digests(runs["full2"])
-    records = [json.loads(Path(root, "run.json").read_text()) for root in
-               (runs["reprocessed"], runs["full2"])]
+        tree, reference = _segments(f"{root}/{variant}"), _segments(f"{runs['full2']}/{variant}")
+        before = _segments(f"{runs['full1']}/{variant}")
+        assert sorted(tree) == sorted(reference), variant
+        for segment_id, segment in tree.items():
+            expected = reference[segment_id]
+            np.testing.assert_array_equal(segment.node_ids, expected.node_ids)
+            np.testing.assert_array_equal(segment.xyz, expected.xyz)
+            if variant == "raw":  # the tree holds the manifest's embeddings, bit for bit
+                np.testing.assert_array_equal(segment.embeddings.view(np.uint32), np.stack(
+                    [found[segment_id, n].embedding for n in segment.node_ids]).view(np.uint32))
+            elif segment_id in carried:
+                previous_means = before[carried[segment_id]].embeddings
+                np.testing.assert_array_equal(segment.embeddings.view(np.uint32),
+                                              previous_means.view(np.uint32))
+            assert_embeddings_close(segment.embeddings, expected.embeddings,
+                                    f"{variant} segment {segment_id}")
+    assert _without_embeddings(_digests(root)) == _without_embeddings(_digests(runs["full2"]))
+    records = [json.loads(Path(r, "run.json").read_text()) for r in (root, runs["full2"])]
     for record in records:
         record["config"].pop("output")
     assert records[0] == records[1]
+    return reembedded
+
+
+def test_reprocess_equals_full_run(runs):
+    edits = runs["edits"]
+    carried = {i: i for i in edits.unchanged}
+    carried.update({new: old for old, new in edits.relabelled.items()})
+    reembedded = _check_contract(runs["reprocessed"], runs, carried)
+    assert 0 < reembedded == runs["summary"].run.counters["embeddings"]
     assert _digests(runs["full1"]) == runs["before"], "the previous run was modified"
 
 
@@ -154,6 +212,7 @@ def test_classification_and_only_changed_work(runs):
 
 
 def test_reprocess_twice_gives_identical_files(runs, tmp_path):
+    """A rerun on one machine with one configuration: the same batches, the same bytes."""
     again = str(tmp_path / "again")
     reprocess.reprocess(runs["full1"], {"segmentation": runs["edits"].segmentation,
                                         "output": again})
@@ -172,7 +231,9 @@ def test_changed_ids_replace_the_fingerprint_pass(runs, tmp_path):
     summary = reprocess.reprocess(
         runs["full1"], {"segmentation": edits.segmentation, "output": out},
         changed_ids=edits.changed + edits.new + [new], removed_ids=edits.removed + [old])
-    assert _digests(out) == _digests(runs["full2"])
+    # The relabelled segment is new here: its nodes reuse the stale previous id's embeddings.
+    reembedded = _check_contract(out, runs, {i: i for i in edits.unchanged})
+    assert reembedded == summary.run.counters["embeddings"]
     assert summary.changes["new"] == len(edits.new) + 1
     assert summary.changes["removed"] == len(edits.removed) + 1
 
@@ -183,6 +244,7 @@ def test_previous_run_and_output_on_gcs(runs, gcs):
     summary = reprocess.reprocess(previous, {"segmentation": runs["edits"].segmentation,
                                              "output": output})
     assert summary.changes == runs["summary"].changes
+    # The same job with its files elsewhere: the same batches, so the same bits.
     remote, local = (_segments(f"{root}/raw") for root in (output, runs["reprocessed"]))
     assert sorted(remote) == sorted(local)
     for segment_id, expected in local.items():

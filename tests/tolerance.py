@@ -3,10 +3,11 @@
 The network's kernels (oneDNN on CPUs, cuDNN on GPUs) block and order their float32 reductions
 by the shape of the batch, so one cutout embedded beside other cutouts, at another position or
 in a batch of another size, gives other last bits. Embeddings of the same cutout computed in
-different batches agree to BATCH_TOLERANCE of the embedding's norm: measured here at 1.7e-7
-(test widths) and 2.6e-7 (published widths), about 2 float32 ulps (1.2e-7) of the norm; the
-bound leaves a factor of 40 for deeper reductions (129^3 inputs, up to 27 x 512 terms per sum,
-over 20 layers) and other CPUs.
+different batches agree to BATCH_TOLERANCE of the embedding's norm. Measured on a 2-core AMD
+EPYC (AVX2): at most 1.7e-7 (test widths, 33^3), 2.6e-7 (published widths, 33^3) and 2.1e-7
+(published, 129^3), about 2 float32 ulps (1.2e-7) of the norm; the bound leaves a factor of 40
+for other kernels and other CPUs. It is a bound for float32 arithmetic; GPUs were not measured
+(TensorFlow runs convolutions in TensorFloat-32 on Ampere and newer GPUs unless told not to).
 """
 
 from __future__ import annotations
