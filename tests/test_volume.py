@@ -252,8 +252,8 @@ def test_job_on_volumes_written_by_cloudvolume(synthetic_dataset, small_model, t
     from tolerance import assert_embeddings_close
 
     offset = np.array((37, 21, 9))
-    bbox = np.array((0, 0, 0, 96, 96, 64))
-    copied = Box((0, 0, 0), (128, 128, 96))  # the box and the cutouts' reach beyond it
+    bbox = np.array((0, 0, 0, 64, 64, 64))
+    copied = Box((0, 0, 0), (96, 96, 96))  # the box and the cutouts' reach beyond it
     sources = {}
     for name, source, encoding in (("em", synthetic_dataset.em, "raw"),
                                    ("segmentation", synthetic_dataset.segmentation, "crackle")):
@@ -276,7 +276,7 @@ def test_job_on_volumes_written_by_cloudvolume(synthetic_dataset, small_model, t
                  tmp_path / "theirs")
     expected = points.read_points(str(ours / pipeline.POINTS_FILE))
     found = points.read_points(str(theirs / pipeline.POINTS_FILE))
-    assert len(expected) > 20
+    assert len(expected) > 10 and len({p.segment_id for p in expected}) > 1
     assert found == [p._replace(x=p.x + offset[0], y=p.y + offset[1], z=p.z + offset[2])
                      for p in expected]
     for variant in ("raw", "agg10um", "agg25um"):
