@@ -7,7 +7,10 @@ layer is named after its TF1 variable scope, so the checkpoint variable of a wei
 layer's scope plus the weight's name; that one rule maps checkpoints onto the model.
 
 The exported SavedModel takes masked-EM uint8 cutouts [B, z, y, x] and returns float32
-embeddings [B, D]; a JSON file beside the graph records which weights it holds.
+embeddings [B, D]; a JSON file beside the graph records which weights it holds and the form
+it runs. That form, ServingNetwork, is built from the loaded Keras model: the same function
+up to float32 rounding, rearranged to run faster (the one-channel stem as a space-to-depth
+convolution, batch norms that follow a linear layer folded into it).
 """
 
 from __future__ import annotations
@@ -194,12 +197,12 @@ def _folded(kernel: np.ndarray, bias: np.ndarray | None, scale: np.ndarray,
             offset: np.ndarray) -> tuple[tf.Variable, tf.Variable]:
     """Kernel and bias of a linear layer followed by a batch norm, as one layer (float64 math)."""
     bias = 0.0 if bias is None else bias.astype(np.float64)
-    return (tf.Variable((kernel.astype(np.float64) * scale).astype(np.float32), trainable=False),
-            tf.Variable((bias * scale + offset).astype(np.float32), trainable=False))
+    return _variable(kernel.astype(np.float64) * scale), _variable(bias * scale + offset)
 
 
-def _constant(value: np.ndarray) -> tf.Variable:
-    return tf.Variable(value.astype(np.float32), trainable=False)
+def _variable(value: np.ndarray) -> tf.Variable:
+    """A float32 weight of the serving network (saved with it, never trained)."""
+    return tf.Variable(np.asarray(value, dtype=np.float32), trainable=False)
 
 
 class SpaceToDepthStem(tf.Module):
@@ -216,9 +219,8 @@ class SpaceToDepthStem(tf.Module):
                  offset: np.ndarray, input_size: int):
         super().__init__()
         filters = kernel.shape[-1]
-        self.output_size = -(-input_size // 2)
         before, _ = _same_padding(input_size, 7, 2)
-        padded = 2 * self.output_size + 6  # blocks o..o+3 of every output o
+        padded = 2 * -(-input_size // 2) + 6  # blocks o..o+3 of every output o
         self.padding = [[0, 0]] + [[before, padded - before - input_size]] * 3
         self.blocks = padded // 2
         eight = np.zeros((8, 8, 8, filters))
@@ -251,9 +253,9 @@ class BlockConv(tf.Module):
         super().__init__()
         self.scope = conv
         self.stride = [1, stride, stride, stride, 1]
-        self.kernel = _constant(weights[f"{conv}/kernel"])
-        self.bias = _constant(weights[f"{conv}/bias"])
-        self.bn = [_constant(weights[f"{bn}/{name}"])
+        self.kernel = _variable(weights[f"{conv}/kernel"])
+        self.bias = _variable(weights[f"{conv}/bias"])
+        self.bn = [_variable(weights[f"{bn}/{name}"])
                    for name in ("gamma", "beta", "moving_mean", "moving_variance")]
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
