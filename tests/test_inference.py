@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import apache_beam as beam
 import numpy as np
 import pytest
+import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import BeamAssertException, assert_that
 
@@ -118,6 +120,28 @@ def test_models_on_gcs(exported, network, gcs):
                  segclr_model.embed(network, cutouts))
     with pytest.raises(FileExistsError, match="already exists"):
         segclr_model.export_saved_model(written, ARCH, seed=SEED)
+
+
+def test_exports_without_a_graph_record_still_run(exported, network, tmp_path):
+    """A model exported before the serving form: the Keras layers behind the signature."""
+    plain = tf.Module()
+    plain.network = network
+    plain.serve = tf.function(
+        lambda cutouts: {"embeddings": network(segclr_model.preprocess(cutouts), training=False)},
+        input_signature=[tf.TensorSpec([None] + [ARCH.input_size] * 3, tf.uint8)])
+    old = tmp_path / "old"
+    tf.saved_model.save(plain, str(old), signatures={"serving_default": plain.serve})
+    identity = segclr_model.model_identity(exported)
+    del identity["graph"]
+    (old / segclr_model.IDENTITY_FILE).parent.mkdir()
+    (old / segclr_model.IDENTITY_FILE).write_text(json.dumps(identity))
+
+    handler = SegclrModelHandler(str(old), batch_size=2)
+    assert handler.identity["graph"] == {"stem": "conv", "folded_batch_norm": []}
+    cutouts = cutouts_of(3, seed=5)
+    assert_close(np.stack(handler.run_inference(list(cutouts), handler.load_model())),
+                 segclr_model.embed(network, cutouts))
+    assert segclr_model.model_identity(exported)["graph"]["stem"] == "space_to_depth"
 
 
 _FRESH_PROCESS = """

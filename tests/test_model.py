@@ -25,6 +25,9 @@ PUBLISHED_WIDTHS = Architecture(input_size=33)
 # Agreement to float32 precision: worst absolute error over the largest embedding value
 # (measured: 3e-7 at small widths, 6e-7 at published widths).
 RELATIVE_TOLERANCE = 2e-6
+# The serving form (space-to-depth stem, folded batch norms) against the Keras layers: the
+# same sums in another order, so float32 rounding apart (measured: at most 1e-6).
+SERVING_TOLERANCE = 1e-5
 
 # ---------------------------------------------------------------- checkpoint variables as
 # published, written from the naming in spec/model.md (independent of segclr_beam.model).
@@ -191,19 +194,29 @@ def test_variables_of_the_default_network_are_the_published_ones():
     assert segclr_model.build_model().count_params() == 33_740_224
 
 
-@pytest.mark.parametrize("input_size", [33, 24])
+def serve(network: tf.keras.Model, arch: Architecture, cutouts: np.ndarray) -> np.ndarray:
+    """Embeddings of the serving form of a loaded network."""
+    return segclr_model.ServingNetwork(network, arch)(tf.constant(cutouts)).numpy()
+
+
+# Odd and even sizes: the stem's SAME padding is 3 + 3 on odd sizes, 2 + 3 on even ones.
+@pytest.mark.parametrize("input_size", [33, 24, 64, 65])
 def test_forward_pass_matches_numpy_reference(tmp_path, input_size):
     arch = Architecture(widths=SMALL.widths, input_size=input_size,
                         bottleneck_width=SMALL.bottleneck_width, embedding_dim=SMALL.embedding_dim)
     values = random_values(published_variables(arch), seed=1)
     network = segclr_model.build_model(arch)
     segclr_model.load_checkpoint(network, write_tf1_checkpoint(tmp_path / "ckpt", values))
-    cutouts = random_cutouts(3, input_size, seed=2)
+    cutouts = random_cutouts(2, input_size, seed=2)
     expected = reference_embeddings(values, cutouts, arch)
     actual = segclr_model.embed(network, cutouts)
-    assert actual.shape == (3, arch.embedding_dim) and actual.dtype == np.float32
+    assert actual.shape == (2, arch.embedding_dim) and actual.dtype == np.float32
     assert np.abs(expected).max() > 0.5  # a real signal, not a collapsed network
     assert_close(actual, expected)
+    served = serve(network, arch, cutouts)
+    assert served.shape == actual.shape and served.dtype == np.float32
+    assert_close(served, expected)
+    assert_close(served, actual)
 
 
 def test_published_layouts_load_alike_and_match_reference(tmp_path):
@@ -223,8 +236,27 @@ def test_published_layouts_load_alike_and_match_reference(tmp_path):
         for name, weight in segclr_model.checkpoint_weights(network).items():
             np.testing.assert_array_equal(weight.numpy(), values[name], err_msg=name)
         embeddings.append(segclr_model.embed(network, cutouts))
+        assert_close(serve(network, PUBLISHED_WIDTHS, cutouts), embeddings[-1],
+                     tolerance=SERVING_TOLERANCE)
     np.testing.assert_array_equal(embeddings[0], embeddings[1])
     assert_close(embeddings[0], reference_embeddings(values, cutouts, PUBLISHED_WIDTHS))
+
+
+@pytest.mark.parametrize("layout", [write_tf1_checkpoint, write_tf2resaved_checkpoint])
+def test_export_of_demo_widths_runs_the_serving_form_with_keras_embeddings(tmp_path, layout):
+    arch = Architecture(widths=(16, 32, 64, 128), input_size=65)
+    prefix = layout(tmp_path / "ckpt" / "model.ckpt-1", random_values(published_variables(arch),
+                                                                       seed=8))
+    identity = segclr_model.export_saved_model(str(tmp_path / "model"), arch, checkpoint=prefix)
+    assert identity["graph"]["stem"] == "space_to_depth"
+    assert "base_model_0/resnet18/stage_1/bn1" in identity["graph"]["folded_batch_norm"]
+    assert segclr_model.model_identity(str(tmp_path / "model")) == identity
+    network = segclr_model.build_model(arch)
+    segclr_model.load_checkpoint(network, prefix)
+    cutouts = random_cutouts(3, arch.input_size, seed=9)
+    serving = tf.saved_model.load(str(tmp_path / "model")).signatures["serving_default"]
+    served = serving(cutouts=tf.constant(cutouts))["embeddings"].numpy()
+    assert_close(served, segclr_model.embed(network, cutouts), tolerance=SERVING_TOLERANCE)
 
 
 def small_values(seed=5) -> dict[str, np.ndarray]:

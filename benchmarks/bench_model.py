@@ -1,0 +1,243 @@
+"""The SegCLR network's forward pass against the machine's fp32 matmul rate, in one run.
+
+Prints, with the TensorFlow thread pools as given (default: TensorFlow's, all cores):
+- the fp32 matmul rate: tf.linalg.matmul of two square float32 matrices in a tf.function;
+- per layer, for the plain network (the Keras layers, as exports before the serving form
+  ran) and the serving network (what exports run now: stem as space-to-depth, batch norms
+  after linear layers folded): seconds per batch, GFLOP, GFLOP/s. A conv row holds the conv
+  with its bias, ReLU and batch norm; the stem row of the serving network includes folding
+  the uint8 input into 2x2x2 blocks;
+- the whole network: cutouts/s, GFLOP/s and the fraction of the matmul rate, for the plain
+  network and for the exported SavedModel of the serving network; then the stem before/after.
+
+FLOPs are 2 x the multiply-adds of the original network's convolutions and dense layers (the
+zeros the space-to-depth stem multiplies are not counted as work; pooling, biases, batch norms
+and ReLUs are not counted at all). The machine may be shared: every time is the fastest of
+--repeat runs, matmul rounds interleaved with the network's, and the load average is printed.
+Ratios within one run are what counts.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_model.py [--widths published,demo]
+        [--batch-size 4] [--repeat 3] [--threads N] [--input-size 129]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from segclr_beam import model as segclr_model
+from segclr_beam.inference import EmbeddingModel, configure_tensorflow
+from segclr_beam.model import Architecture
+
+WIDTHS = {"published": Architecture().widths, "demo": (16, 32, 64, 128)}
+MATMUL_SIZE = 2048
+TARGETS = {"published": 0.75, "demo": 0.5}
+
+
+def best_seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Fastest of `repeat` calls, after one warm-up call (tracing, allocation)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_rate(repeat: int) -> float:
+    """GFLOP/s of a float32 [n, n] x [n, n] matmul."""
+    a, b = (tf.random.stateless_normal([MATMUL_SIZE] * 2, seed=[i, 0]) for i in range(2))
+    matmul = tf.function(tf.linalg.matmul)
+    seconds = best_seconds(lambda: matmul(a, b).numpy()[0, 0], repeat)
+    return 2 * MATMUL_SIZE**3 / seconds / 1e9
+
+
+def cutouts(batch: int, size: int) -> np.ndarray:
+    """Masked-EM-like uint8 cutouts: noise inside a ball, zeros outside."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:size, :size, :size] - size // 2
+    inside = zz**2 + yy**2 + xx**2 < (0.4 * size) ** 2
+    return (rng.integers(0, 256, (batch, size, size, size)) * inside).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    flop: float  # per cutout, of the original network
+    seconds: float = 0.0  # per batch
+
+
+def _out(size: int, stride: int) -> int:
+    return -(-size // stride)
+
+
+def layer_flops(arch: Architecture) -> dict[str, float]:
+    """FLOPs per cutout of every row of the tables, in network order (0 for uncounted)."""
+    base = "base_model_0/resnet18"
+    size = _out(arch.input_size, 2)
+    rows = {f"{base}/stage_1/conv1": 2.0 * size**3 * 7**3 * arch.widths[0],
+            f"{base}/stage_1/pool": 0.0}
+    size, cin = _out(size, 2), arch.widths[0]
+    for stage, width in enumerate(arch.widths, start=2):
+        for block in "ab":
+            scope = f"{base}/stage_{stage}/block_{block}"
+            stride = 2 if block == "a" and stage > 2 else 1
+            out = _out(size, stride)
+            rows[f"{scope}/conv_0"] = 2.0 * out**3 * 27 * cin * width
+            rows[f"{scope}/conv_1"] = 2.0 * out**3 * 27 * width * width
+            if block == "a":
+                rows[f"{scope}/shortcut"] = 2.0 * out**3 * cin * width
+            rows[f"{scope}/add"] = 0.0
+            size, cin = out, width
+    rows[segclr_model.BOTTLENECK] = 2.0 * (cin * arch.bottleneck_width + arch.bottleneck_width**2
+                                           + arch.bottleneck_width * arch.embedding_dim)
+    return rows
+
+
+def _row_of_layer(layer_name: str) -> str:
+    """The table row a Keras layer of the plain network belongs to."""
+    scope = layer_name.replace(".", "/")
+    parent, _, last = scope.rpartition("/")
+    if parent.endswith("stage_1"):
+        return f"{parent}/pool" if last == "pool" else f"{parent}/conv1"
+    if last.startswith(("conv_", "relu_", "bn_")) and last[-1].isdigit():
+        return f"{parent}/conv_{last[-1]}"
+    if last.startswith("shortcut"):
+        return f"{parent}/shortcut"
+    if last in ("add", "relu_out"):
+        return f"{parent}/add"
+    return segclr_model.BOTTLENECK  # global average pool and the head
+
+
+def plain_rows(network: tf.keras.Model, arch: Architecture, batch: np.ndarray,
+               repeat: int) -> list[Row]:
+    """Each Keras layer timed on its own input, summed into the rows of its unit."""
+    rows = {name: Row(name, flop) for name, flop in layer_flops(arch).items()}
+    layers = network.layers[1:]
+    probe = tf.keras.Model(network.input, [layer.output for layer in layers])
+    outputs = {layer.name: value for layer, value in
+               zip(layers, probe(segclr_model.preprocess(batch), training=False))}
+    outputs[network.layers[0].name] = segclr_model.preprocess(batch)
+    for layer in layers:
+        inputs = layer.input if isinstance(layer.input, list) else [layer.input]
+        values = [outputs[t._keras_history.operation.name] for t in inputs]
+        run = tf.function(lambda *v, layer=layer: layer(v if len(v) > 1 else v[0],
+                                                        training=False))
+        rows[_row_of_layer(layer.name)].seconds += best_seconds(lambda: run(*values), repeat)
+    del outputs
+    return list(rows.values())
+
+
+def serving_rows(network: segclr_model.ServingNetwork, arch: Architecture,
+                 batch: np.ndarray, repeat: int) -> list[Row]:
+    """Each unit of the serving network timed on its own input."""
+    rows = {name: Row(name, flop) for name, flop in layer_flops(arch).items()}
+    base = "base_model_0/resnet18/stage_1"
+
+    def timed(name: str, fn, *inputs):
+        run = tf.function(fn)
+        rows[name].seconds += best_seconds(lambda: run(*inputs), repeat)
+        return run(*inputs)
+
+    x = timed(f"{base}/conv1", network.stem, tf.constant(batch))
+    x = timed(f"{base}/pool", network.pool, x)
+    for block in network.blocks:
+        main = timed(block.convs[0].scope, block.convs[0], x)
+        main = timed(block.convs[1].scope, block.convs[1], main)
+        shortcut = x
+        if block.shortcut is not None:
+            shortcut = timed(f"{block.scope}/shortcut", block.shortcut, x)
+        x = timed(f"{block.scope}/add", lambda a, b: tf.nn.relu(a + b), main, shortcut)
+    timed(segclr_model.BOTTLENECK, network.head, x)
+    return list(rows.values())
+
+
+def print_table(title: str, rows: list[Row], batch: int) -> None:
+    print(f"\n  {title}: seconds per batch of {batch}, GFLOP per batch, GFLOP/s")
+    for row in rows:
+        flop = row.flop * batch / 1e9
+        rate = f"{flop / row.seconds:8.1f}" if row.flop else "       -"
+        print(f"    {row.name.removeprefix('base_model_0/resnet18/'):<28} {row.seconds:8.4f} "
+              f"{flop:8.2f} {rate}")
+    total = sum(r.seconds for r in rows)
+    flop = sum(r.flop for r in rows) * batch / 1e9
+    print(f"    {'sum of rows':<28} {total:8.4f} {flop:8.2f} {flop / total:8.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default="published,demo",
+                        help=f"comma-separated names from {sorted(WIDTHS)}")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow intra- and inter-op threads (default: TensorFlow's)")
+    parser.add_argument("--input-size", type=int, default=129)
+    args = parser.parse_args()
+    configure_tensorflow(args.threads, args.threads)
+    print(f"threads intra {tf.config.threading.get_intra_op_parallelism_threads()} inter "
+          f"{tf.config.threading.get_inter_op_parallelism_threads()} (0: TensorFlow's choice); "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+    rates = [matmul_rate(args.repeat)]
+    print(f"fp32 matmul {MATMUL_SIZE}^2: {rates[0]:.1f} GFLOP/s")
+    batch = cutouts(args.batch_size, args.input_size)
+    summary = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.widths.split(","):
+            arch = Architecture(widths=WIDTHS[name], input_size=args.input_size)
+            network = segclr_model.build_model(arch)
+            segclr_model.random_init(network, seed=0)
+            flop = sum(layer_flops(arch).values())
+            print(f"\n{name} widths {list(arch.widths)}, {arch.input_size}^3 cutouts, "
+                  f"{flop / 1e9:.2f} GFLOP per cutout, batch {args.batch_size}, best of "
+                  f"{args.repeat}; load average {os.getloadavg()[0]:.2f}")
+            plain = plain_rows(network, arch, batch, args.repeat)
+            serving = serving_rows(segclr_model.ServingNetwork(network, arch), arch, batch,
+                                   args.repeat)
+            print_table("plain network, per layer", plain, args.batch_size)
+            print_table("serving network, per layer", serving, args.batch_size)
+
+            keras_call = tf.function(
+                lambda x: network(segclr_model.preprocess(x), training=False))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model_dir = str(Path(tmp) / name)
+                segclr_model.export_saved_model(model_dir, arch, seed=0)
+            exported = EmbeddingModel(model_dir, args.batch_size)
+            whole = {"plain network": best_seconds(lambda: keras_call(batch).numpy(),
+                                                   args.repeat),
+                     "exported SavedModel": best_seconds(lambda: exported.embed(batch),
+                                                         args.repeat)}
+            rates.append(matmul_rate(args.repeat))
+            matmul = max(rates)
+            print(f"\n  whole network (matmul {matmul:.1f} GFLOP/s, best of the run so far; "
+                  f"load average {os.getloadavg()[0]:.2f}):")
+            for what, seconds in whole.items():
+                gflops = flop * args.batch_size / seconds / 1e9
+                print(f"    {what:<20} {args.batch_size / seconds:7.3f} cutouts/s "
+                      f"{gflops:7.1f} GFLOP/s  {gflops / matmul:.3f} of matmul")
+            stem = [rows[0] for rows in (plain, serving)]
+            print(f"  stem before/after: {stem[0].seconds:.4f} s -> {stem[1].seconds:.4f} s per "
+                  f"batch, {stem[0].seconds / stem[1].seconds:.2f}x")
+            summary.append((name, flop * args.batch_size / whole["exported SavedModel"] / 1e9))
+            del network, exported, keras_call
+    matmul = max(rates)
+    print(f"\nexported SavedModel / fp32 matmul ({matmul:.1f} GFLOP/s):")
+    for name, gflops in summary:
+        print(f"  {name:<10} {gflops / matmul:.3f}  (target {TARGETS[name]})")
+
+
+if __name__ == "__main__":
+    main()
