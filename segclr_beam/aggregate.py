@@ -22,8 +22,7 @@ import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from segclr_beam.outputs import EmbeddingTable, variant_name
-from segclr_beam.points import Point
+from segclr_beam.records import EmbeddingTable, Point, variant_name
 
 DEFAULT_RADII_NM = (10000.0, 25000.0)
 # Grid cell side as a fraction of the radius: finer cells leave fewer node pairs to test at

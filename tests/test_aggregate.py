@@ -8,7 +8,7 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from segclr_beam.aggregate import AggregateEmbeddings, radius_means
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 
 RESOLUTION = np.array([32.0, 32.0, 40.0])
 

@@ -17,7 +17,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that
 from segclr_beam import model as segclr_model
 from segclr_beam.inference import Embed, SegclrModelHandler
 from segclr_beam.model import Architecture
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = Architecture(widths=(4, 8, 8, 16), input_size=33, bottleneck_width=16, embedding_dim=8)
