@@ -54,7 +54,7 @@ def check_sharding(num_shards: int, bytewidth: int) -> None:
     """Raise ValueError unless num_shards and bytewidth are positive integers."""
     for name, value in (("num_shards", num_shards), ("bytewidth", bytewidth)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
 
 
 # Encodings -----------------------------------------------------------------------------------

@@ -73,9 +73,9 @@ def test_handler_rejects_cutouts_the_model_cannot_take(exported):
     with pytest.raises(ValueError, match=r"cutout 0 of a batch is uint8 \(33, 33, 32\)"):
         handler.run_inference([good[:, :, :32]], model)
     with pytest.raises(ValueError, match="not a SegCLR model"):
-        SegclrModelHandler(str(REPO / "tests"))
+        SegclrModelHandler(str(REPO / "tests"), batch_size=4)
     with pytest.raises(ValueError, match="model_copies=2 needs share_model_across_processes"):
-        SegclrModelHandler(exported, model_copies=2)
+        SegclrModelHandler(exported, batch_size=4, model_copies=2)
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["per-process", "shared"])
