@@ -10,7 +10,8 @@ manifest by their voxel fingerprints:
     stale      a previous segment that is not carried over (removed, or its id reused)
 
 Only changed and new segments are skeletonized, cut out and embedded; a cutout whose digest
-equals that of a stale segment's node reuses its embedding instead of running the model.
+equals that of a stale segment's node at the same position reuses its embedding instead of
+running the model (see EmbedChanged).
 Unchanged segments' nodes and raw embeddings are carried over from the previous manifest under
 their new ids; radius means and every output tree are then written in full by the same stages
 as a full run, so the new tree equals a full run on the new version. The previous run is only

@@ -41,7 +41,8 @@ def make_records(seed: int = 0, segments=SEGMENTS, dim: int = DIM) -> list:
 
 def write(records, out: str, *, variants=VARIANTS, aggregate=True, **options) -> None:
     options = {"coordinates": CoordinateSystem.microns_public(RESOLUTION), "num_shards": 50000,
-               "bytewidth": 8, "embedding_dim": DIM, "tfrecord_shards": 3, "volumes": {"em": "gs://em", "seg": "s"},
+               "bytewidth": 8, "embedding_dim": DIM, "tfrecord_shards": 3,
+               "volumes": {"em": "gs://em", "seg": "s"},
                "model": {"name": "segclr"}, **options}
     with beam.Pipeline(runner="FnApiRunner") as p:
         raw = p | beam.Create(records, reshuffle=False)

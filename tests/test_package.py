@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "segclr_beam"
 # Modules that read or write stored data; they know nothing of jobs and their composition.
 STORAGE = {"records", "shards", "precomputed", "points", "outputs", "manifest", "reader"}
 COMPOSITION = {"job", "pipeline", "reprocess", "cli"}
+PREFIX = "segclr_beam."
 
 
 def imports() -> dict[str, set[str]]:
@@ -20,11 +21,11 @@ def imports() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse((PACKAGE / f"{name}.py").read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "segclr_beam":
                 found |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("segclr_beam."):
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PREFIX):
                 found.add(node.module.split(".")[1])
             elif isinstance(node, ast.Import):
                 found |= {a.name.split(".")[1] for a in node.names
-                          if a.name.startswith("segclr_beam.")}
+                          if a.name.startswith(PREFIX)}
         graph[name] = found & modules
     return graph
 
