@@ -46,7 +46,7 @@ from segclr_beam import synth
 from segclr_beam.cutouts import (DEFAULT_BLOCK_SIZE, DEFAULT_CUTOUT_SIZE,
                                  DEFAULT_MAX_POINTS_PER_GROUP, CutoutReader, CutoutStats,
                                  MakeCutouts, block_of, group_key, window_of)
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 from segclr_beam.volume import open_volumes
 
 SPACING_NM = 1500.0

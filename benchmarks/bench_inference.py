@@ -37,7 +37,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from segclr_beam import model as segclr_model
 from segclr_beam.inference import Embed, EmbeddingModel, configure_tensorflow
 from segclr_beam.model import Architecture
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 
 BANK = 8  # distinct cutouts, cycled
 

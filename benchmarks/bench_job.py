@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segclr_beam import model, pipeline, points, synth
+from segclr_beam import job, model, pipeline, points, synth
 from segclr_beam.config import EmbedConfig
 from segclr_beam.cutouts import CutoutReader
 from segclr_beam.inference import EmbeddingModel
@@ -60,7 +60,7 @@ def main() -> None:
         summary = pipeline.run(config)
         job_seconds = time.perf_counter() - start
 
-        sample = sorted(points.read_points(str(Path(config.output) / pipeline.POINTS_FILE)))
+        sample = sorted(points.read_points(str(Path(config.output) / job.POINTS_FILE)))
         em, segmentation = open_volumes(dataset.em, dataset.segmentation)
         cutouts = np.stack([c for _, c in CutoutReader(em, segmentation).cutouts(sample)])
         bare = EmbeddingModel(model_dir, args.batch_size)

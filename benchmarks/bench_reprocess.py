@@ -1,6 +1,7 @@
 """Reprocessing a new segmentation version against a full run on the same data, in one process.
 
-Data: the synthetic dataset at its default size (384 x 384 x 256 voxels, 118 segments).
+Data: the synthetic dataset at its default size (384 x 384 x 256 voxels, 118 segments), or
+--shape.
 Model: the published network's widths (64, 128, 256, 512; random weights) on 65^3 cutouts
 instead of 129^3, i.e. 8x fewer voxels per cutout: a mid-size model whose share of a full run
 is printed below (the published network on 129^3 cutouts is ~98% of a CPU run).
@@ -13,6 +14,7 @@ version-2 nodes were obtained. With --verify, version 2 is also run in full and 
 file compared byte for byte. The machine may be shared: times are noisy.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_reprocess.py [--workdir DIR] [--verify]
+        [--shape X,Y,Z]  (a smaller synthetic volume for a quick run)
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="keep data and outputs here (default: a temp dir)")
+    parser.add_argument("--shape", type=lambda t: tuple(int(v) for v in t.split(",")),
+                        default=synth.DEFAULT_SHAPE, help="synthetic volume X,Y,Z voxels")
     parser.add_argument("--verify", action="store_true",
                         help="also run version 2 in full and compare every output file")
     args = parser.parse_args()
@@ -73,7 +77,7 @@ def main() -> None:
     for name in ("v1", "v2", "model", "full1", "full2", "reprocessed"):
         shutil.rmtree(work / name, ignore_errors=True)
 
-    dataset = synth.write_dataset(work / "v1")
+    dataset = synth.write_dataset(work / "v1", shape=args.shape)
     edited = edit_segments(dataset, work / "v2")
     arch = model.Architecture(input_size=65)
     with warnings.catch_warnings():

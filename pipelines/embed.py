@@ -7,63 +7,62 @@ not know are Beam pipeline options (e.g. --runner=DataflowRunner --project=... -
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
-from segclr_beam.config import ConfigError, EmbedConfig
+from segclr_beam.config import ConfigError, EmbedConfig, add_flags, field_help
 from segclr_beam.runner import DataflowGpu, configure_logging
 
-
-def _numbers(kind):
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    return parse
+TEMPLATE_DESCRIPTION = (
+    "SegCLR embeddings of every segment of an EM segmentation: skeleton sample points, masked "
+    "129^3 cutouts, the SegCLR network on GPU workers, 10 / 25 um radius means, CSV-ZIP and "
+    "TFRecord outputs as in the public h01 / MICrONS releases.")
 
 
-# (flag, type, help) for each EmbedConfig field; every default is None so that only the flags
-# a user gives override the JSON file and the dataclass defaults.
-_FIELDS = [
-    ("em", str, "EM volume: TensorStore spec (JSON or file) or URL (precomputed://, zarr://, n5://, path)"),
-    ("segmentation", str, "segmentation volume, same forms as --em"),
-    ("model", str, "SavedModel directory (segclr-beam export-model) or checkpoint prefix"),
-    ("output", str, "output root (local or gs://); one tree per variant below it"),
-    ("resolution", _numbers(float), "embedding resolution in nm, X,Y,Z (default 32,32,33)"),
-    ("bbox", _numbers(int), "voxel box X0,Y0,Z0,X1,Y1,Z1 (default: the whole volume)"),
-    ("points", str, "points table (.csv/.avro) or precomputed skeletons instead of skeletonizing"),
-    ("segments", _numbers(int), "only these segment ids, comma-separated"),
-    ("chunk_size", int, "skeletonization chunk edge in voxels (default 512)"),
-    ("min_voxels", int, "skip segments with fewer voxels (default 1000)"),
-    ("spacing_nm", float, "path length between sample points in nm (default 1500)"),
-    ("block_size", int, "cutout block edge in voxels (default 256)"),
-    ("cutout_size", int, "cutout edge in voxels (default 129)"),
-    ("batch_size", int, "cutouts per model call (default 32)"),
-    ("radii_nm", _numbers(float), "aggregation radii in nm (default 10000,25000)"),
-    ("num_shards", int, "CSV-ZIP / TFRecord shards (default 10000)"),
-    ("bytewidth", int, "bytes of the segment id hashed for sharding (default 64)"),
-    ("coordinates", str, "voxels or nm (default voxels)"),
-    ("offset_nm", _numbers(float), "added to nm coordinates, X,Y,Z"),
-    ("formats", lambda s: tuple(s.split(",")), "csv_zip,tfrecord (default both)"),
-]
+def config_flags(args: argparse.Namespace) -> dict:
+    """The EmbedConfig fields given by --config and flags (flags win)."""
+    given = EmbedConfig.read_fields(args.config) if args.config else {}
+    for field in dataclasses.fields(EmbedConfig):
+        if getattr(args, field.name) is not None:
+            given[field.name] = getattr(args, field.name)
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segclr-beam embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file with any of the fields below")
-    for name, kind, text in _FIELDS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
-    parser.add_argument("--write-skeletons", dest="write_skeletons", action="store_true",
-                        default=None, help="also write precomputed skeletons for Neuroglancer")
-    parser.add_argument("--overwrite", action="store_true", default=None,
-                        help="replace a previous run's output at --output")
+    add_flags(parser)
+    parser.add_argument("--template-metadata", action="store_true",
+                        help="print the Flex Template metadata of these options "
+                             "(pipelines/embed_metadata.json) and exit")
     dataflow = parser.add_argument_group("Dataflow GPU workers")
     dataflow.add_argument("--gpu-type", help="accelerator, e.g. nvidia-l4 or nvidia-tesla-t4")
     dataflow.add_argument("--gpu-count", type=int, default=1, help="GPUs per worker (default 1)")
     dataflow.add_argument("--machine-type", default="g2-standard-8", help="worker machine type")
     dataflow.add_argument("--container-image", help="worker image built from docker/Dockerfile")
     return parser
+
+
+def template_metadata() -> dict:
+    """The Flex Template metadata: the required fields, --config, then the labelled fields."""
+    fields = dataclasses.fields(EmbedConfig)
+    required = [f for f in fields if f.metadata["required"]]
+    optional = [f for f in fields if f.metadata["label"] and not f.metadata["required"]]
+    config = {"name": "config", "label": "Config file",
+              "helpText": "JSON file with any embed option; parameters given here win",
+              "isOptional": True}
+    return {
+        "name": "segclr-beam embed",
+        "description": TEMPLATE_DESCRIPTION,
+        "streaming": False,
+        "parameters": [{"name": f.name.replace("_", "-"), "label": f.metadata["label"],
+                        "helpText": field_help(f), "isOptional": False} for f in required]
+                      + [config]
+                      + [{"name": f.name.replace("_", "-"), "label": f.metadata["label"],
+                          "helpText": field_help(f), "isOptional": True} for f in optional],
+    }
 
 
 def gpu_from_args(args: argparse.Namespace) -> DataflowGpu | None:
@@ -74,9 +73,7 @@ def gpu_from_args(args: argparse.Namespace) -> DataflowGpu | None:
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    config = EmbedConfig.from_json(args.config) if args.config else EmbedConfig()
-    fields = [name for name, _, _ in _FIELDS] + ["write_skeletons", "overwrite"]
-    return config.updated({name: getattr(args, name) for name in fields}).validate()
+    return EmbedConfig().updated(config_flags(args)).validate()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
 
     configure_logging()
     args, beam_args = build_parser().parse_known_args(argv)
+    if args.template_metadata:
+        print(json.dumps(template_metadata(), indent=2))
+        return
     gpu = gpu_from_args(args)
     try:
         summary = pipeline.run(config_from_args(args), beam_args, gpu)

@@ -13,14 +13,12 @@ command does not know are Beam pipeline options, as for `python -m pipelines.emb
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import embed
-from segclr_beam.config import ConfigError, EmbedConfig
+from segclr_beam.config import ConfigError
 from segclr_beam.runner import configure_logging
 
 
@@ -52,22 +50,6 @@ def _ids(path: str, flag: str) -> list[int]:
         raise ConfigError(f"{flag}: cannot read segment ids from {path}: {e}") from None
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    """The EmbedConfig fields given by --config and flags (flags win)."""
-    overrides = {}
-    if args.config:
-        try:
-            with FileSystems.open(args.config) as f:
-                overrides = json.loads(f.read())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config file {args.config}: {e}") from None
-        EmbedConfig.from_dict(overrides, source=args.config)  # names every unknown field
-    for field in dataclasses.fields(EmbedConfig):
-        if getattr(args, field.name, None) is not None:
-            overrides[field.name] = getattr(args, field.name)
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> None:
     from segclr_beam import reprocess
 
@@ -75,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args, beam_args = build_parser().parse_known_args(argv)
     gpu = embed.gpu_from_args(args)
     try:
-        overrides = overrides_from_args(args)
+        overrides = embed.config_flags(args)
         for name in ("segmentation", "output"):
             if not overrides.get(name):
                 raise ConfigError(f"{name}: required (--{name})")

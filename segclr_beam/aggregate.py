@@ -22,8 +22,7 @@ import numpy as np
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from segclr_beam.outputs import EmbeddingTable, variant_name
-from segclr_beam.points import Point
+from segclr_beam.records import EmbeddingTable, Point, variant_name
 
 DEFAULT_RADII_NM = (10000.0, 25000.0)
 # Grid cell side as a fraction of the radius: finer cells leave fewer node pairs to test at
@@ -60,11 +59,29 @@ def radius_means(positions_nm: np.ndarray, embeddings: np.ndarray,
         raise ValueError("positions_nm contains NaN or infinite values")
     radii = [float(r) for r in radii_nm]
     for r in radii:
-        if not (np.isfinite(r) and r > 0):
-            raise ValueError(f"aggregation radius must be positive and finite, got {r}")
+        _check_radius(r)
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
     return {r: _ball_means(positions, embeddings, r, max_pairs) for r in radii}
+
+
+def _check_radius(radius: float) -> None:
+    if not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"every radius must be > 0 and finite, got {radius}")
+
+
+def check_radii(radii_nm: Sequence[float]) -> tuple[float, ...]:
+    """The radii of a run as floats; ValueError unless there is at least one, each positive
+    and finite, and no two name the same output variant."""
+    radii = tuple(float(r) for r in radii_nm)
+    if not radii:
+        raise ValueError("at least one aggregation radius is needed")
+    for r in radii:
+        _check_radius(r)
+    names = [variant_name(r) for r in radii]
+    if len(set(names)) != len(names):
+        raise ValueError(f"radii must be distinct, got duplicates in {radii}")
+    return radii
 
 
 def _ranges(weights: np.ndarray, budget: int) -> Iterator[tuple[int, int]]:
@@ -210,17 +227,8 @@ class AggregateEmbeddings(beam.PTransform):
         if len(resolution) != 3 or not all(np.isfinite(v) and v > 0 for v in resolution):
             raise ValueError(f"resolution_nm must be three positive numbers (x, y, z), "
                              f"got {tuple(resolution_nm)}")
-        radii = tuple(float(r) for r in radii_nm)
-        if not radii:
-            raise ValueError("radii_nm must name at least one aggregation radius")
-        for r in radii:
-            if not (np.isfinite(r) and r > 0):
-                raise ValueError(f"aggregation radius must be positive and finite, got {r}")
-        names = [variant_name(r) for r in radii]
-        if len(set(names)) != len(names):
-            raise ValueError(f"radii_nm has duplicates: {radii}")
         self._resolution = resolution
-        self._radii = radii
+        self._radii = check_radii(radii_nm)
 
     def expand(self, records):
         names = [variant_name(r) for r in self._radii]

@@ -77,6 +77,8 @@ def _points(args: argparse.Namespace) -> None:
         else:
             if args.bbox is not None and len(args.bbox) != 6:
                 raise ValueError(f"--bbox: expected x0,y0,z0,x1,y1,z1, got {args.bbox}")
+            if len(args.resolution) != 3:
+                raise ValueError(f"--resolution: expected X,Y,Z nm, got {args.resolution}")
             segmentation = volume.open_volume(args.segmentation, "segmentation", args.resolution)
             bbox = volume.Box(args.bbox[:3], args.bbox[3:]) if args.bbox else None
             options = skeleton.SkeletonOptions(chunk_size=args.chunk_size,
@@ -108,6 +110,8 @@ def _job(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from segclr_beam.config import add_flags
+
     parser = argparse.ArgumentParser(prog="segclr-beam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -148,12 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from", dest="source", help="precomputed skeleton directory, or glob "
                         "of CSV / Avro tables with segment_id,x,y,z[,node_id]")
     p.add_argument("--out", required=True, help="points file, e.g. OUT/points.avro (or gs://)")
-    p.add_argument("--resolution", type=lambda t: _triple(t, float),
-                   default=(32.0, 32.0, 33.0), help="X,Y,Z nm of the voxels the points are in")
-    p.add_argument("--bbox", type=_ints, default=None, help="x0,y0,z0,x1,y1,z1 voxels")
-    p.add_argument("--chunk-size", type=int, default=512, help="skeletonization chunk edge")
-    p.add_argument("--min-voxels", type=int, default=1000, help="smaller segments get no points")
-    p.add_argument("--spacing-nm", type=float, default=1500.0, help="path length between points")
+    add_flags(p, ("resolution", "bbox", "chunk_size", "min_voxels", "spacing_nm"), defaults=True)
     p.add_argument("--segments", type=_ints, default=None,
                    help="only these segment ids: ID,ID,... or @FILE with one per line")
     p.add_argument("--skeletons", default=None,

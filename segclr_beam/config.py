@@ -1,53 +1,106 @@
 """The configuration of an embedding run: one dataclass filled from a JSON file and flags.
 
-Validation happens once, before any work, and every message names the offending field.
+Each field carries its help text and, for flags, how to parse it (dataclass field metadata),
+so the commands' flags and the Flex Template parameters are generated from this one place.
+Defaults of settings a stage has are the stage's own. Validation happens once, before any
+work, and every message names the offending field.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Sequence
 
+from segclr_beam.aggregate import DEFAULT_RADII_NM, check_radii
+from segclr_beam.cutouts import DEFAULT_BLOCK_SIZE, DEFAULT_CUTOUT_SIZE, check_cutout_size
 from segclr_beam.outputs import FORMATS
+from segclr_beam.shards import check_sharding
+from segclr_beam.skeleton import SkeletonOptions
 from segclr_beam.volume import DEFAULT_RESOLUTION
 
 COORDINATES = ("voxels", "nm")
+_SKELETON = SkeletonOptions()
 
 
 class ConfigError(ValueError):
     """A configuration field is missing or invalid; the message starts with its name."""
 
 
+def numbers(kind: type) -> Callable[[str], tuple]:
+    """A flag parser of comma-separated numbers of `kind`."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+def names(text: str) -> tuple[str, ...]:
+    """A flag parser of comma-separated names."""
+    return tuple(text.split(","))
+
+
+def _field(default: Any, help: str, parse: Callable | None = str, *, required: bool = False,
+           label: str | None = None) -> Any:
+    """A field with its help text; `parse` reads a flag's text (None: an on/off flag);
+    `label` puts it among the Flex Template's parameters."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "parse": parse, "required": required, "label": label})
+
+
 @dataclasses.dataclass
 class EmbedConfig:
     """Everything an embedding run needs. Paths may be local or gs://."""
 
-    em: Any = None                       # TensorStore spec (object, JSON text, file) or URL
-    segmentation: Any = None
-    model: str | None = None             # SavedModel directory or checkpoint prefix
-    output: str | None = None            # output root; one tree per variant below it
-    resolution: tuple[float, float, float] = DEFAULT_RESOLUTION
-    bbox: tuple[int, int, int, int, int, int] | None = None  # x0,y0,z0,x1,y1,z1 voxels
-    points: str | None = None            # points table (CSV/Avro) or precomputed skeletons
-    segments: tuple[int, ...] | None = None  # allow-list of segment ids
-    chunk_size: int = 512                # skeletonization chunk edge, voxels
-    min_voxels: int = 1000               # segments smaller than this are not embedded
-    spacing_nm: float = 1500.0           # path length between sample points
-    block_size: int = 256                # cutout block edge, voxels
-    cutout_size: int = 129
-    batch_size: int = 32
-    radii_nm: tuple[float, ...] = (10000.0, 25000.0)
-    num_shards: int = 10000
-    bytewidth: int = 64
-    coordinates: str = "voxels"          # voxels at the embedding resolution, or nm
-    offset_nm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added to nm coordinates
-    formats: tuple[str, ...] = FORMATS
-    write_skeletons: bool = False
-    overwrite: bool = False
+    em: Any = _field(None, "EM volume: TensorStore spec (JSON text or file) or URL "
+                     "(precomputed://, zarr://, zarr3://, n5://, or a path / gs:// URL)",
+                     required=True, label="EM volume")
+    segmentation: Any = _field(None, "segmentation volume, in the same forms as the EM volume",
+                               required=True, label="Segmentation volume")
+    model: str | None = _field(None, "SavedModel directory (segclr-beam export-model) or "
+                               "checkpoint prefix", required=True, label="Model")
+    output: str | None = _field(None, "output root (local or gs://); one tree per variant "
+                                "below it", required=True, label="Output root")
+    resolution: tuple[float, float, float] = _field(
+        DEFAULT_RESOLUTION, "embedding resolution in nm, X,Y,Z; the matching scale is chosen",
+        numbers(float), label="Resolution")
+    bbox: tuple[int, int, int, int, int, int] | None = _field(
+        None, "voxel box X0,Y0,Z0,X1,Y1,Z1 at the embedding resolution (default: the whole "
+        "volume)", numbers(int), label="Bounding box")
+    points: str | None = _field(None, "points table (.csv/.avro) or precomputed skeletons "
+                                "instead of skeletonizing", label="Points")
+    segments: tuple[int, ...] | None = _field(None, "only these segment ids, comma-separated",
+                                              numbers(int))
+    chunk_size: int = _field(_SKELETON.chunk_size[0], "skeletonization chunk edge in voxels",
+                             int)
+    min_voxels: int = _field(_SKELETON.min_voxels, "skip segments with fewer voxels", int)
+    spacing_nm: float = _field(_SKELETON.spacing_nm, "path length between sample points in nm",
+                               float)
+    block_size: int = _field(DEFAULT_BLOCK_SIZE, "cutout block edge in voxels", int)
+    cutout_size: int = _field(DEFAULT_CUTOUT_SIZE, "cutout edge in voxels, odd", int)
+    batch_size: int = _field(32, "cutouts per model call", int, label="Batch size")
+    radii_nm: tuple[float, ...] = _field(DEFAULT_RADII_NM, "aggregation radii in nm",
+                                         numbers(float), label="Aggregation radii")
+    num_shards: int = _field(10000, "CSV-ZIP shards; the h01 release has 10000, newer MICrONS "
+                             "releases 50000", int, label="Shards")
+    bytewidth: int = _field(64, "bytes of the segment id hashed for sharding; h01 uses 64, "
+                            "newer MICrONS releases 8", int, label="Shard hash bytewidth")
+    coordinates: str = _field("voxels", "voxels, or nm (x * resolution + offset)")
+    offset_nm: tuple[float, float, float] = _field(
+        (0.0, 0.0, 0.0), "added to nm coordinates, X,Y,Z (MICrONS public frame: "
+        "110592,110592,592640)", numbers(float))
+    formats: tuple[str, ...] = _field(FORMATS, "output formats, comma-separated", names)
+    write_skeletons: bool = _field(False, "also write precomputed skeletons for Neuroglancer",
+                                   None)
+    overwrite: bool = _field(False, "replace a previous run's output at the output root", None)
 
-    @classmethod
-    def from_json(cls, path: str) -> "EmbedConfig":
+    @staticmethod
+    def read_fields(path: str) -> dict:
+        """The fields a JSON config file sets, names checked; errors name the file."""
         from apache_beam.io.filesystems import FileSystems
 
         try:
@@ -55,15 +108,18 @@ class EmbedConfig:
                 data = json.loads(f.read())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"config file {path}: {e}") from None
-        return cls.from_dict(data, source=path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a JSON object of fields")
+        _check_names(data, path)
+        return data
+
+    @classmethod
+    def from_json(cls, path: str) -> "EmbedConfig":
+        return cls().updated(cls.read_fields(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "EmbedConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown field in {source} "
-                              f"(known: {', '.join(sorted(names))})")
+        _check_names(data, source)
         return cls().updated(data)
 
     def updated(self, overrides: dict) -> "EmbedConfig":
@@ -77,9 +133,9 @@ class EmbedConfig:
 
     def validate(self) -> "EmbedConfig":
         """Check every field that can be checked without touching storage."""
-        for name in ("em", "segmentation", "model", "output"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name}: required")
+        for field in dataclasses.fields(self):
+            if field.metadata["required"] and not getattr(self, field.name):
+                raise ConfigError(f"{field.name}: required")
         _check_len("resolution", self.resolution, 3)
         if any(float(v) <= 0 for v in self.resolution):
             raise ConfigError(f"resolution: every value must be > 0, got {self.resolution}")
@@ -87,19 +143,16 @@ class EmbedConfig:
             _check_len("bbox", self.bbox, 6)
             if any(a >= b for a, b in zip(self.bbox[:3], self.bbox[3:])):
                 raise ConfigError(f"bbox: start must be below stop on every axis, got {self.bbox}")
-        for name in ("chunk_size", "block_size", "batch_size", "num_shards", "bytewidth"):
+        for name in ("chunk_size", "block_size", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.min_voxels < 0:
             raise ConfigError(f"min_voxels: must be >= 0, got {self.min_voxels}")
         if self.spacing_nm <= 0:
             raise ConfigError(f"spacing_nm: must be > 0, got {self.spacing_nm}")
-        if self.cutout_size < 1 or self.cutout_size % 2 == 0:
-            raise ConfigError(f"cutout_size: must be a positive odd number, got {self.cutout_size}")
-        if not self.radii_nm or any(float(r) <= 0 for r in self.radii_nm):
-            raise ConfigError(f"radii_nm: every radius must be > 0, got {self.radii_nm}")
-        if len(set(self.radii_nm)) != len(self.radii_nm):
-            raise ConfigError(f"radii_nm: radii must be distinct, got {self.radii_nm}")
+        _checked("cutout_size", check_cutout_size, self.cutout_size)
+        _checked("radii_nm", check_radii, self.radii_nm)
+        _checked("num_shards", check_sharding, self.num_shards, self.bytewidth)
         if self.coordinates not in COORDINATES:
             raise ConfigError(f"coordinates: one of {COORDINATES}, got {self.coordinates!r}")
         _check_len("offset_nm", self.offset_nm, 3)
@@ -111,6 +164,73 @@ class EmbedConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+def _check_names(data: dict, source: str) -> None:
+    known = {f.name for f in dataclasses.fields(EmbedConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown field in {source} "
+                          f"(known: {', '.join(sorted(known))})")
+
+
+def _checked(name: str, check: Callable, *values) -> None:
+    """Run a stage's own check of settings; its ValueError becomes a ConfigError that starts
+    with the field's name (`name` unless the message names one)."""
+    try:
+        check(*values)
+    except ValueError as e:
+        message = str(e)
+        if message.split(":")[0] not in {f.name for f in dataclasses.fields(EmbedConfig)}:
+            message = f"{name}: {message}"
+        raise ConfigError(message) from None
+
+
 def _check_len(name: str, value: Sequence, n: int) -> None:
     if len(value) != n:
         raise ConfigError(f"{name}: expected {n} values, got {len(value)}")
+
+
+# Flags ---------------------------------------------------------------------------------------
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(_shown, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def field_help(field: dataclasses.Field) -> str:
+    """A field's help text with its default, as the flags and the Flex Template show it."""
+    text = field.metadata["help"]
+    if field.default is not None and not isinstance(field.default, bool):
+        text += f" (default {_shown(field.default)})"
+    return text
+
+
+def _flag_type(parse: Callable) -> Callable:
+    """An argparse type from a field's parser: its ValueError becomes a usage error."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None,
+              defaults: bool = False) -> None:
+    """A flag per EmbedConfig field (or per field in `names`), e.g. --chunk-size.
+
+    Without `defaults` every flag defaults to None, so that only the flags a user gives
+    override a JSON file (or a previous run) and the dataclass defaults.
+    """
+    for field in dataclasses.fields(EmbedConfig):
+        if names is not None and field.name not in names:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if defaults else None
+        if field.metadata["parse"] is None:
+            parser.add_argument(flag, dest=field.name, action="store_true", default=default,
+                                help=field.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=field.name, type=_flag_type(field.metadata["parse"]),
+                                default=default, help=field_help(field))

@@ -23,7 +23,7 @@ import apache_beam as beam
 import fastremap
 import numpy as np
 
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 from segclr_beam.volume import Box, Volume
 
 DEFAULT_BLOCK_SIZE = 256
@@ -220,19 +220,25 @@ def group_key(point: Point, block_size: int, groups: int = 1) -> tuple[int, int,
     return (*block_of(point, block_size), sub)
 
 
+def _point(element, keyed: bool) -> Point:
+    return element[0] if keyed else element
+
+
 class _KeyByGroupFn(beam.DoFn):
     """Checks each point and keys it by (block, sub-group); dense blocks get several groups."""
 
     def __init__(self, em_bounds: Box, segmentation_bounds: Box, block_size: int,
-                 max_points_per_group: int):
+                 max_points_per_group: int, keyed: bool):
         self._bounds = (em_bounds, segmentation_bounds)
         self._block_size = block_size
         self._max = max_points_per_group
+        self._keyed = keyed
 
-    def process(self, point: Point, dense: dict):
+    def process(self, element, dense: dict):
+        point = _point(element, self._keyed)
         check_point(point, *self._bounds)
         count = dense.get(block_of(point, self._block_size), 0)
-        yield group_key(point, self._block_size, -(-count // self._max)), point
+        yield group_key(point, self._block_size, -(-count // self._max)), element
 
 
 class _CutFn(beam.DoFn):
@@ -242,8 +248,9 @@ class _CutFn(beam.DoFn):
                  "bytes_decoded": "bytes_decoded", "chunk_bytes_decoded": "chunk_bytes_decoded",
                  "cutouts": "cutouts_emitted", "segment_absent": "cutouts_segment_absent"}
 
-    def __init__(self, em: Volume, segmentation: Volume, cutout_size: int):
+    def __init__(self, em: Volume, segmentation: Volume, cutout_size: int, keyed: bool):
         self._em, self._segmentation, self._cutout_size = em, segmentation, cutout_size
+        self._keyed = keyed
 
     def setup(self):
         self._reader = CutoutReader(self._em, self._segmentation, self._cutout_size)
@@ -251,9 +258,14 @@ class _CutFn(beam.DoFn):
                           for field, name in self._COUNTERS.items()}
 
     def process(self, element):
-        _, points = element
+        _, members = element
         before = dataclasses.replace(self._reader.stats)
-        yield from self._reader.cutouts(points)
+        if self._keyed:
+            values = dict(members)
+            for point, cutout in self._reader.cutouts(values):
+                yield (point, values[point]), cutout
+        else:
+            yield from self._reader.cutouts(members)
         for field, counter in self._counters.items():
             counter.inc(getattr(self._reader.stats, field) - getattr(before, field))
 
@@ -267,12 +279,14 @@ class MakeCutouts(beam.PTransform):
     that many points, so no worker holds or works through an unbounded group. Only points are
     shuffled; compose with the model directly (no shuffle after this transform), so each
     cutout is consumed in the stage that made it. A point outside both volumes fails the
-    stage with PointOutsideError naming it.
+    stage with PointOutsideError naming it. With `keyed`, elements are (Point, value) pairs
+    (at most one per point) and come out as ((Point, value), cutout): a light value travels
+    with its point to where the cutout is made.
     """
 
     def __init__(self, em: Volume, segmentation: Volume, block_size: int = DEFAULT_BLOCK_SIZE,
                  cutout_size: int = DEFAULT_CUTOUT_SIZE,
-                 max_points_per_group: int = DEFAULT_MAX_POINTS_PER_GROUP):
+                 max_points_per_group: int = DEFAULT_MAX_POINTS_PER_GROUP, keyed: bool = False):
         super().__init__()
         check_cutout_size(cutout_size)
         for name, value in (("block_size", block_size),
@@ -282,16 +296,19 @@ class MakeCutouts(beam.PTransform):
         self._em, self._segmentation = em, segmentation
         self._block_size, self._cutout_size = block_size, cutout_size
         self._max = max_points_per_group
+        self._keyed = keyed
 
     def expand(self, points):
-        block_size, limit = self._block_size, self._max
+        block_size, limit, keyed = self._block_size, self._max, self._keyed
         dense = (points
-                 | "BlockOf" >> beam.Map(lambda p: (block_of(p, block_size), 1))
+                 | "BlockOf" >> beam.Map(lambda e: (block_of(_point(e, keyed), block_size), 1))
                  | "CountPerBlock" >> beam.CombinePerKey(sum)
                  | "DenseBlocks" >> beam.Filter(lambda block_count: block_count[1] > limit))
         return (points
                 | "KeyByGroup" >> beam.ParDo(
-                    _KeyByGroupFn(self._em.bounds, self._segmentation.bounds, block_size, limit),
+                    _KeyByGroupFn(self._em.bounds, self._segmentation.bounds, block_size, limit,
+                                  keyed),
                     dense=beam.pvalue.AsDict(dense))
                 | "GroupByBlock" >> beam.GroupByKey()
-                | "Cut" >> beam.ParDo(_CutFn(self._em, self._segmentation, self._cutout_size)))
+                | "Cut" >> beam.ParDo(_CutFn(self._em, self._segmentation, self._cutout_size,
+                                             keyed)))

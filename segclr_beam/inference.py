@@ -83,7 +83,7 @@ class EmbeddingModel:
 class SegclrModelHandler(ModelHandler[np.ndarray, np.ndarray, EmbeddingModel]):
     """Runs an exported SegCLR model on uint8 cutouts [z, y, x]; yields embeddings [D]."""
 
-    def __init__(self, saved_model_dir: str, batch_size: int = 8, *,
+    def __init__(self, saved_model_dir: str, batch_size: int, *,
                  share_model_across_processes: bool = False, model_copies: int = 1,
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None):
         """
@@ -150,7 +150,7 @@ class Embed(beam.PTransform):
     embeddings should cross a shuffle. Options as for SegclrModelHandler.
     """
 
-    def __init__(self, saved_model_dir: str, batch_size: int = 8, **handler_options):
+    def __init__(self, saved_model_dir: str, batch_size: int, **handler_options):
         super().__init__()
         self._handler = SegclrModelHandler(saved_model_dir, batch_size, **handler_options)
 

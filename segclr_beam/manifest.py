@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import uuid
-from typing import TYPE_CHECKING, Any, Collection, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import apache_beam as beam
 import fastavro
@@ -41,13 +39,10 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from segclr_beam.outputs import shard_of
-from segclr_beam.points import Point, as_long, as_uint64
-from segclr_beam.skeleton import SkeletonOptions, plan_chunks
+from segclr_beam import shards
+from segclr_beam.records import Point, as_long, as_uint64
+from segclr_beam.skeleton import plan_chunks
 from segclr_beam.volume import Box, Volume
-
-if TYPE_CHECKING:
-    from segclr_beam.pipeline import Job
 
 MANIFEST_DIR = "manifest"
 MANIFEST_FILE = "manifest.json"
@@ -59,7 +54,7 @@ DIGEST_SIZE = 16
 BINDING = ("model", "em", "resolution_nm", "bbox", "chunk_size", "skeleton", "cutout_size",
            "points", "segments")
 _SLAB_VOXELS = 1 << 21  # voxels sorted at once while fingerprinting a chunk
-_SYNC_MARKER = hashlib.md5(b"segclr_beam.manifest").digest()  # fixed: reruns give equal bytes
+_AVRO_NAME = "segclr_beam.manifest"  # fixes the sync marker: reruns give equal bytes
 
 
 class ManifestError(ValueError):
@@ -274,10 +269,8 @@ def encode_table(table: str, records: Iterable) -> tuple[bytes, int]:
     """Records as an Avro file, sorted, with deterministic bytes; and how many there are."""
     spec = _TABLES[table]
     records = sorted(records, key=spec.order)
-    out = io.BytesIO()
-    fastavro.writer(out, spec.schema, (spec.to_avro(r) for r in records), codec="deflate",
-                    sync_marker=_SYNC_MARKER)
-    return out.getvalue(), len(records)
+    return shards.encode_avro(spec.schema, (spec.to_avro(r) for r in records), _AVRO_NAME), \
+        len(records)
 
 
 def read_table_file(path: str, file: TableFile) -> list:
@@ -291,7 +284,7 @@ def read_table_file(path: str, file: TableFile) -> list:
         raise ManifestError(f"{path}: corrupt manifest table file ({len(data)} bytes whose "
                             f"sha256 differs from the one recorded in {MANIFEST_FILE})")
     try:
-        rows = list(fastavro.reader(io.BytesIO(data)))
+        rows = list(shards.read_avro(data))
     except Exception as e:  # fastavro raises several types for damaged files
         raise ManifestError(f"{path}: unreadable manifest table file: {e}") from None
     if len(rows) != file.records:
@@ -302,125 +295,66 @@ def read_table_file(path: str, file: TableFile) -> list:
 # Writing -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _ManifestWriter:
-    """Writes table shards to a temporary directory, then moves them into place at once."""
+class _ManifestFiles:
+    """The table shard files of a manifest and its manifest.json, staged below the run root."""
 
-    root: str  # OUTPUT/manifest
-    temp: str
+    staging: shards.Staging
     num_shards: int
     bytewidth: int
     description: dict  # manifest.json without the tables
 
-    def shard(self, record, table: str) -> tuple[tuple[str, int], Any]:
+    def keys(self, tagged: tuple[str, Any]) -> list[tuple[str, int]]:
+        table, record = tagged
         segment_id = _TABLES[table].segment_id(record)
-        return (table, shard_of(segment_id, self.num_shards, self.bytewidth)), record
+        return [(table, shards.shard_of(segment_id, self.num_shards, self.bytewidth))]
 
-    def write(self, key: tuple[str, int], records: Iterable) -> TableFile:
+    def write(self, key: tuple[str, int], tagged: Iterable[tuple[str, Any]]) -> TableFile:
         table, shard = key
-        data, count = encode_table(table, records)
+        data, count = encode_table(table, (record for _, record in tagged))
         name = f"{shard}.avro"
-        with FileSystems.create(FileSystems.join(self.temp, table, name),
-                                compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            f.write(data)
+        shards.write_file(self.staging.temp_path(f"{MANIFEST_DIR}/{table}", name), data)
         return TableFile(table, name, count, len(data), hashlib.sha256(data).hexdigest())
 
     def finalize(self, written: list[TableFile]) -> str:
         """Move every file into place, drop files of an earlier manifest, write manifest.json."""
-        info_path = FileSystems.join(self.root, MANIFEST_FILE)
-        if FileSystems.exists(info_path):  # a manifest being replaced stops looking complete
-            FileSystems.delete([info_path])
-        tables = {}
+        tables, files = {}, {}
         for table in _TABLES:
-            files = sorted((f for f in written if f.table == table), key=lambda f: f.shard)
-            directory = FileSystems.join(self.root, table)
-            if not FileSystems.exists(directory):
-                FileSystems.mkdirs(directory)
-            names = {f.name for f in files}
-            FileSystems.rename([FileSystems.join(self.temp, table, n) for n in sorted(names)],
-                               [FileSystems.join(directory, n) for n in sorted(names)])
-            found = FileSystems.match([FileSystems.join(directory, "*.avro")])[0].metadata_list
-            stale = [m.path for m in found if m.path.rsplit("/", 1)[-1] not in names]
-            if stale:
-                FileSystems.delete(stale)
-            tables[table] = {"records": sum(f.records for f in files),
-                             "files": [f.to_json() for f in files]}
+            mine = sorted((f for f in written if f.table == table), key=lambda f: f.shard)
+            files[f"{MANIFEST_DIR}/{table}"] = [f.name for f in mine]
+            tables[table] = {"records": sum(f.records for f in mine),
+                             "files": [f.to_json() for f in mine]}
         info = {**self.description, "tables": tables}
-        staged = FileSystems.join(self.temp, MANIFEST_FILE)
-        with FileSystems.create(staged, mime_type="application/json",
-                                compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            f.write((json.dumps(info, indent=1, sort_keys=True) + "\n").encode())
-        FileSystems.rename([staged], [info_path])
-        if FileSystems.exists(self.temp):
-            FileSystems.delete([self.temp])
-        return info_path
+        marker = (json.dumps(info, indent=1, sort_keys=True) + "\n").encode()
+        path, = self.staging.finalize(files, {f"{MANIFEST_DIR}/{MANIFEST_FILE}": marker},
+                                      stale=("*.avro",))
+        return path
 
 
 class WriteManifest(beam.PTransform):
     """{"segments": SegmentRecord, "nodes": NodeRecord} -> OUTPUT/manifest; returns the path of
     manifest.json once it is written (last, after every table file is in place).
 
-    `description` holds the run's "config" and "parameters" (see `describe_run`).
+    `description` holds the run's "config" and "parameters" (see segclr_beam.job.describe_run).
     """
 
     def __init__(self, output_root: str, description: dict, num_shards: int, bytewidth: int):
         super().__init__()
-        root = output_root.rstrip("/")
-        self._writer = _ManifestWriter(
-            FileSystems.join(root, MANIFEST_DIR),
-            FileSystems.join(root, f".manifest-{uuid.uuid4().hex}"), int(num_shards),
-            int(bytewidth), {"format": FORMAT, "format_version": FORMAT_VERSION,
-                             "sharding": {"num_shards": int(num_shards),
-                                          "bytewidth": int(bytewidth)},
-                             **description})
+        self._files = _ManifestFiles(
+            shards.Staging.below(output_root), int(num_shards), int(bytewidth),
+            {"format": FORMAT, "format_version": FORMAT_VERSION,
+             "sharding": {"num_shards": int(num_shards), "bytewidth": int(bytewidth)},
+             **description})
 
     def expand(self, inputs: dict):
         if set(inputs) != set(_TABLES):
             raise ValueError(f"WriteManifest expects PCollections {sorted(_TABLES)}, "
                              f"got {sorted(inputs)}")
-        keyed = [inputs[table] | f"KeyByShard[{table}]" >> beam.Map(self._writer.shard, table)
-                 for table in sorted(_TABLES)]
-        return (keyed
+        tagged = [inputs[table] | f"Tag[{table}]" >> beam.Map(lambda r, t: (t, r), table)
+                  for table in sorted(_TABLES)]
+        files = self._files
+        return (tagged
                 | "Flatten" >> beam.Flatten()
-                | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShards" >> beam.MapTuple(self._writer.write)
-                | "AllShards" >> beam.combiners.ToList()
-                | "Finalize" >> beam.Map(self._writer.finalize))
-
-
-def describe_run(job: "Job", options: SkeletonOptions) -> dict:
-    """The "config" and "parameters" a run records in its manifest.
-
-    Parameters hold what was resolved at start-up (volume specs, box, model identity); those
-    in BINDING decide whether a later run may reuse this run's embeddings, the others (radii,
-    sharding, coordinates, formats, block and batch size) only shape how outputs are written.
-    """
-    config = job.config
-    recorded = json.loads(config.to_json())
-    for name in ("output", "overwrite"):
-        recorded.pop(name)
-    box = fingerprint_box(job.bbox, config.cutout_size)
-    parameters = {
-        "model": job.model,
-        "em": job.em.spec,
-        "segmentation": job.segmentation.spec,
-        "resolution_nm": list(job.em.resolution),
-        "bbox": [*job.bbox.start, *job.bbox.stop],
-        "fingerprint_box": [*box.start, *box.stop],
-        "chunk_size": config.chunk_size,
-        "skeleton": dataclasses.asdict(options),
-        "cutout_size": config.cutout_size,
-        "points": config.points,
-        "segments": None if config.segments is None else sorted(config.segments),
-        "radii_nm": list(config.radii_nm),
-        "num_shards": config.num_shards,
-        "bytewidth": config.bytewidth,
-        "coordinates": config.coordinates,
-        "offset_nm": list(config.offset_nm),
-        "formats": list(config.formats),
-        "block_size": config.block_size,
-        "batch_size": config.batch_size,
-    }
-    return json.loads(json.dumps({"config": recorded, "parameters": parameters}))
+                | "Shards" >> shards.WriteShards(files.keys, files.write, files.finalize))
 
 
 def differences(previous: dict, current: dict) -> list[str]:
@@ -446,19 +380,13 @@ def _shown(value) -> str:
 class RecordManifest(beam.PTransform):
     """{"cutouts": (Point, cutout), "embeddings": (Point, embedding)} of a run -> its manifest.
 
-    Adds the fingerprint pass over the run's box and the cutout digests (computed where the
-    cutouts are made, so only digests are shuffled) and writes both tables.
+    Adds the fingerprint pass (`fingerprints`) and the cutout digests for `model` (computed
+    where the cutouts are made, so only digests are shuffled) and writes both tables.
     """
 
-    def __init__(self, job: "Job", options: SkeletonOptions):
+    def __init__(self, fingerprints: "Fingerprints", model: dict, write: WriteManifest):
         super().__init__()
-        config = job.config
-        self._fingerprints = Fingerprints(job.segmentation,
-                                          fingerprint_box(job.bbox, config.cutout_size),
-                                          config.chunk_size)
-        self._key = cutout_key(job.model)
-        self._write = WriteManifest(config.output, describe_run(job, options),
-                                    config.num_shards, config.bytewidth)
+        self._fingerprints, self._key, self._write = fingerprints, cutout_key(model), write
 
     def expand(self, inputs: dict):
         segments = inputs["cutouts"].pipeline | "Fingerprints" >> self._fingerprints
@@ -530,7 +458,7 @@ class Manifest:
 
     def shard_of(self, segment_id: int) -> int:
         sharding = self.info["sharding"]
-        return shard_of(segment_id, sharding["num_shards"], sharding["bytewidth"])
+        return shards.shard_of(segment_id, sharding["num_shards"], sharding["bytewidth"])
 
     def files(self, table: str) -> list[TableFile]:
         return [TableFile(table, f["name"], int(f["records"]), int(f["bytes"]), str(f["sha256"]))

@@ -1,32 +1,28 @@
 """Release-compatible embedding outputs: sharded CSV-ZIP, TFRecord and a self-describing info.json.
 
 One output tree per variant (`raw/`, `agg10um/`, `agg25um/`), laid out as in
-spec/formats.md so the readers of the public h01 and MICrONS releases work unchanged. Each
-shard file is written once, by one worker, to a temporary directory; a single finalize step
-moves every file of every tree into place only after all shards were written, and writes
-each tree's info.json last. A tree without info.json is incomplete. The same records give
+spec/formats.md so the readers of the public h01 and MICrONS releases work unchanged. Files
+are sharded, staged and put in place as segclr_beam.shards does for every output: each tree's
+info.json is written last, and a tree without it is incomplete. The same records give
 byte-identical files.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
 import json
 import shutil
 import tempfile
-import uuid
 import zipfile
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.tfrecordio import _TFRecordUtil
 
-from segclr_beam.points import Point
+from segclr_beam import shards
+from segclr_beam.records import EmbeddingTable, Point
 
 FORMAT_VERSION = 1
 INFO_NAME = "info.json"
@@ -36,46 +32,6 @@ MICRONS_OFFSET_NM = (110592.0, 110592.0, 592640.0)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _ZIP_UNIX = 3
 _CSV_ROWS_PER_WRITE = 1024
-
-
-def variant_name(radius_nm: float | None) -> str:
-    """Output tree name: `raw` for unaggregated embeddings, else e.g. `agg10um`."""
-    if radius_nm is None:
-        return "raw"
-    if radius_nm % 1000 == 0:
-        return f"agg{int(radius_nm) // 1000}um"
-    return f"agg{radius_nm:g}nm"
-
-
-def output_variants(radii_nm: Sequence[float], raw: bool = True) -> dict[str, float | None]:
-    """{tree name: aggregation radius or None}: the `variants` argument of WriteEmbeddings."""
-    variants = {variant_name(None): None} if raw else {}
-    variants.update({variant_name(float(r)): float(r) for r in radii_nm})
-    return variants
-
-
-def shard_of(segment_id: int, num_shards: int, bytewidth: int) -> int:
-    """Shard of a segment: MD5 of the id as `bytewidth` little-endian bytes, read little-endian."""
-    return _digest(segment_id, bytewidth) % num_shards
-
-
-def _digest(segment_id: int, bytewidth: int) -> int:
-    segment_id = int(segment_id)
-    if segment_id < 0:
-        raise ValueError(f"segment id {segment_id} is negative")
-    try:
-        key = segment_id.to_bytes(bytewidth, "little")
-    except OverflowError:
-        raise ValueError(f"segment id {segment_id} does not fit in bytewidth={bytewidth} bytes "
-                         f"(it needs {(segment_id.bit_length() + 7) // 8})") from None
-    return int.from_bytes(hashlib.md5(key).digest(), "little")
-
-
-def check_sharding(num_shards: int, bytewidth: int) -> None:
-    """Raise ValueError unless num_shards and bytewidth are positive integers."""
-    for name, value in (("num_shards", num_shards), ("bytewidth", bytewidth)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,93 +90,6 @@ class CoordinateSystem:
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> "CoordinateSystem":
         return cls(value["unit"], tuple(value["resolution_nm"]), tuple(value["offset_nm"]))
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddingTable:
-    """(Point, embedding) records as columns, for the per-segment and per-shard work."""
-
-    segment_ids: np.ndarray  # uint64 [N]
-    node_ids: np.ndarray  # int64 [N]
-    xyz: np.ndarray  # int64 [N, 3], voxels
-    embeddings: np.ndarray  # float32 [N, D]
-
-    _BLOCK = 1 << 16
-
-    @classmethod
-    def from_records(cls, records: Iterable[tuple[Point, np.ndarray]]) -> "EmbeddingTable":
-        """Stack records into fixed-size numpy blocks, never holding them as a Python list."""
-        blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        dim = k = 0
-        for point, embedding in records:
-            if not blocks or k == cls._BLOCK:
-                if not blocks:
-                    dim = len(embedding)
-                blocks.append((np.empty(cls._BLOCK, np.uint64), np.empty((cls._BLOCK, 4), np.int64),
-                               np.empty((cls._BLOCK, dim), np.float32)))
-                k = 0
-            if np.shape(embedding) != (dim,):
-                raise ValueError(f"embedding of segment {point.segment_id} node {point.node_id} "
-                                 f"has shape {np.shape(embedding)}, expected ({dim},) like the "
-                                 f"other nodes")
-            segments, nodes, floats = blocks[-1]
-            segments[k] = point.segment_id
-            nodes[k] = point[1:]
-            floats[k] = embedding
-            k += 1
-        if not blocks:
-            return cls(np.empty(0, np.uint64), np.empty(0, np.int64), np.empty((0, 3), np.int64),
-                       np.empty((0, 0), np.float32))
-        last = len(blocks) - 1
-        columns = [np.concatenate([block[c][:k] if b == last else block[c]
-                                   for b, block in enumerate(blocks)]) for c in range(3)]
-        return cls(columns[0], columns[1][:, 0].copy(), columns[1][:, 1:].copy(), columns[2])
-
-    def __len__(self) -> int:
-        return len(self.node_ids)
-
-    @property
-    def dim(self) -> int:
-        return self.embeddings.shape[1]
-
-    def points(self) -> Iterator[Point]:
-        """The rows as Points, converted a block at a time."""
-        for a in range(0, len(self), self._BLOCK):
-            b = a + self._BLOCK
-            for segment_id, node_id, (x, y, z) in zip(self.segment_ids[a:b].tolist(),
-                                                      self.node_ids[a:b].tolist(),
-                                                      self.xyz[a:b].tolist()):
-                yield Point(segment_id, node_id, x, y, z)
-
-    def take(self, index) -> "EmbeddingTable":
-        return EmbeddingTable(self.segment_ids[index], self.node_ids[index], self.xyz[index],
-                              self.embeddings[index])
-
-    def sorted(self) -> "EmbeddingTable":
-        """Rows ordered by (segment, node); raise if a segment repeats a node id or a position."""
-        table = self.take(np.lexsort((self.node_ids, self.segment_ids)))
-        same_segment = table.segment_ids[1:] == table.segment_ids[:-1]
-        repeated = np.flatnonzero(same_segment & (table.node_ids[1:] == table.node_ids[:-1]))
-        if len(repeated):
-            k = repeated[0]
-            raise ValueError(f"duplicate node id {table.node_ids[k]} in segment "
-                             f"{table.segment_ids[k]}")
-        by_position = np.lexsort((*table.xyz.T[::-1], table.segment_ids))
-        segments, xyz = table.segment_ids[by_position], table.xyz[by_position]
-        repeated = np.flatnonzero((segments[1:] == segments[:-1])
-                                  & (xyz[1:] == xyz[:-1]).all(axis=1))
-        if len(repeated):
-            a, b = by_position[repeated[0]], by_position[repeated[0] + 1]
-            raise ValueError(f"nodes {table.node_ids[a]} and {table.node_ids[b]} of segment "
-                             f"{table.segment_ids[a]} share the position "
-                             f"{tuple(table.xyz[a].tolist())}; CSV rows must be unique per x, y, z")
-        return table
-
-    def segments(self) -> Iterator["EmbeddingTable"]:
-        """Consecutive runs of one segment each (call on a sorted table)."""
-        bounds = np.flatnonzero(self.segment_ids[1:] != self.segment_ids[:-1]) + 1
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(self)]):
-            yield self.take(slice(a, b))
 
 
 def _decimal(value: float) -> str:
@@ -299,11 +168,11 @@ def write_tfrecord(path: str, table: EmbeddingTable, radius_nm: float | None,
             feature["embeddings"].float_list.value.extend(embedding.tolist())
             if radius_nm is not None:
                 feature["aggregation_radius_nm"].float_list.value.append(radius_nm)
-            _TFRecordUtil.write_record(out, example.SerializeToString(deterministic=True))
+            out.write(shards.tfrecord(example.SerializeToString(deterministic=True)))
 
 
 class _Written(NamedTuple):
-    """What one shard writer put in the temporary directory."""
+    """What one shard writer put in the staging directory."""
 
     variant: str
     fmt: str
@@ -312,19 +181,31 @@ class _Written(NamedTuple):
     nodes: int
 
 
+class _Options(NamedTuple):
+    formats: tuple[str, ...]
+    num_shards: int
+    bytewidth: int
+    tfrecord_shards: int
+    tfrecord_prefix: str
+    tfrecord_gzip: bool
+    coordinates: CoordinateSystem
+    embedding_dim: int
+
+
 class WriteEmbeddings(beam.PTransform):
     """{variant name: PCollection[(Point, embedding)]} -> one output tree per variant.
 
     Returns a PCollection of the written info.json paths. Options are checked here, before
-    any work; data errors (non-finite embeddings, repeated node ids or positions, ids that
-    do not fit `bytewidth`) fail the pipeline before anything is moved into place.
+    any work. Records are checked before they are shuffled (finite, `embedding_dim` values,
+    ids that fit `bytewidth`), shards while they are written (repeated node ids or
+    positions); either fails the pipeline before anything is moved into place.
     """
 
     def __init__(self, output_root: str, variants: Mapping[str, float | None], *,
-                 coordinates: CoordinateSystem, num_shards: int = 50000, bytewidth: int = 8,
-                 formats: Sequence[str] = FORMATS, tfrecord_shards: int = 64,
-                 tfrecord_prefix: str = "embeddings", tfrecord_gzip: bool = False,
-                 volumes: Any = None, model: Any = None):
+                 coordinates: CoordinateSystem, num_shards: int, bytewidth: int,
+                 embedding_dim: int, formats: Sequence[str] = FORMATS,
+                 tfrecord_shards: int = 64, tfrecord_prefix: str = "embeddings",
+                 tfrecord_gzip: bool = False, volumes: Any = None, model: Any = None):
         super().__init__()
         if not isinstance(output_root, str) or not output_root:
             raise ValueError(f"output_root must be a non-empty path, got {output_root!r}")
@@ -339,7 +220,10 @@ class WriteEmbeddings(beam.PTransform):
         formats = tuple(formats)
         if not formats or len(set(formats)) != len(formats) or not set(formats) <= set(FORMATS):
             raise ValueError(f"formats must be distinct names among {FORMATS}, got {formats}")
-        check_sharding(num_shards, bytewidth)
+        shards.check_sharding(num_shards, bytewidth)
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) \
+                or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be an integer >= 1, got {embedding_dim!r}")
         if not isinstance(tfrecord_shards, int) or not 1 <= tfrecord_shards <= 99999:
             raise ValueError(f"tfrecord_shards must be an integer in [1, 99999], "
                              f"got {tfrecord_shards!r}")
@@ -351,221 +235,108 @@ class WriteEmbeddings(beam.PTransform):
             json.dumps({"volumes": volumes, "model": model}, sort_keys=True)
         except (TypeError, ValueError) as e:
             raise ValueError(f"volumes and model must be JSON-serialisable: {e}") from None
-        self._root = output_root.rstrip("/")
         self._variants = {name: None if r is None else float(r) for name, r in variants.items()}
-        self._options = _Options(formats, int(num_shards), int(bytewidth), tfrecord_shards,
-                                 tfrecord_prefix, bool(tfrecord_gzip), coordinates)
-        self._provenance = {"volumes": volumes, "model": model}
+        options = _Options(formats, int(num_shards), int(bytewidth), tfrecord_shards,
+                           tfrecord_prefix, bool(tfrecord_gzip), coordinates, embedding_dim)
+        staging = shards.Staging.below(output_root)
+        self._trees = _Trees(staging, self._variants, options, {"volumes": volumes,
+                                                                "model": model})
 
     def expand(self, inputs: Mapping[str, beam.PCollection]):
         if not isinstance(inputs, Mapping) or set(inputs) != set(self._variants):
             got = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
             raise ValueError(f"WriteEmbeddings expects a dict of PCollections with keys "
                              f"{sorted(self._variants)}, got {got}")
-        temp_root = FileSystems.join(self._root, f".temp-{uuid.uuid4().hex}")
-        keyed = [inputs[name] | f"KeyByShard[{name}]" >> beam.ParDo(
-                     _KeyByShard(name, self._options))
-                 for name in sorted(self._variants)]
-        grouped = keyed | "Flatten" >> beam.Flatten() | "GroupByShard" >> beam.GroupByKey()
-        # Every shard is checked before any is written (a side input is complete before its
-        # consumer starts), so bad data fails the run with no file written at all.
-        dims = (grouped
-                | "CheckShards" >> beam.FlatMap(_check_shard, self._options.formats[0])
-                | "DistinctDims" >> beam.Distinct()
-                | "CollectDims" >> beam.combiners.ToList()
-                | "DimsByVariant" >> beam.Map(_dims_by_variant))
-        return (grouped
-                | "WriteShards" >> beam.ParDo(_WriteShard(temp_root, self._variants, self._options),
-                                              beam.pvalue.AsSingleton(dims))
-                | "CollectShards" >> beam.combiners.ToList()
-                | "Finalize" >> beam.ParDo(_Finalize(self._root, temp_root, self._variants,
-                                                     self._options, self._provenance),
-                                           beam.pvalue.AsSingleton(dims)))
+        tagged = [inputs[name] | f"Tag[{name}]" >> beam.Map(lambda record, n: (n, record), name)
+                  for name in sorted(self._variants)]
+        trees = self._trees
+        return (tagged
+                | "Flatten" >> beam.Flatten()
+                | "Shards" >> shards.WriteShards(trees.keys, _WriteShard(trees), trees.finalize)
+                | "InfoFiles" >> beam.FlatMap(lambda paths: paths))
 
 
-class _Options(NamedTuple):
-    formats: tuple[str, ...]
-    num_shards: int
-    bytewidth: int
-    tfrecord_shards: int
-    tfrecord_prefix: str
-    tfrecord_gzip: bool
-    coordinates: CoordinateSystem
+@dataclasses.dataclass(frozen=True)
+class _Trees:
+    """The output trees of one WriteEmbeddings: shard keys, file names and info.json."""
 
+    staging: shards.Staging
+    variants: Mapping[str, float | None]
+    options: _Options
+    provenance: Mapping[str, Any]
 
-class _KeyByShard(beam.DoFn):
-    """Validate a record and key it by (variant, format, shard) for each output format."""
-
-    def __init__(self, variant: str, options: _Options):
-        self._variant = variant
-        self._options = options
-
-    def process(self, record: tuple[Point, np.ndarray]):
-        point, embedding = record
+    def keys(self, tagged: tuple[str, tuple[Point, np.ndarray]]) -> Iterator[tuple]:
+        """Check a record and key it by (variant, format, shard) for each output format."""
+        variant, (point, embedding) = tagged
+        o = self.options
+        if np.shape(embedding) != (o.embedding_dim,):
+            raise ValueError(f"{variant}: embedding of segment {point.segment_id} node "
+                             f"{point.node_id} has shape {np.shape(embedding)}, expected "
+                             f"({o.embedding_dim},)")
         if not np.isfinite(embedding).all():
-            raise ValueError(f"{self._variant}: embedding of segment {point.segment_id} node "
+            raise ValueError(f"{variant}: embedding of segment {point.segment_id} node "
                              f"{point.node_id} has NaN or infinite values")
         if point.node_id < 0:
-            raise ValueError(f"{self._variant}: segment {point.segment_id} has a negative node "
+            raise ValueError(f"{variant}: segment {point.segment_id} has a negative node "
                              f"id {point.node_id}")
-        digest = _digest(point.segment_id, self._options.bytewidth)
-        for fmt in self._options.formats:
-            if fmt == "csv_zip":
-                yield (self._variant, fmt, digest % self._options.num_shards), record
-            else:
-                yield (self._variant, fmt, digest % self._options.tfrecord_shards), record
+        digest = shards.segment_hash(point.segment_id, o.bytewidth)
+        for fmt in o.formats:
+            count = o.num_shards if fmt == "csv_zip" else o.tfrecord_shards
+            yield variant, fmt, digest % count
 
-
-def _shard_table(variant: str, records: Iterable[tuple[Point, np.ndarray]]) -> EmbeddingTable:
-    """One shard's records as a table sorted by (segment, node), checked for repeats."""
-    try:
-        return EmbeddingTable.from_records(records).sorted()
-    except ValueError as e:
-        raise ValueError(f"{variant}: {e}") from None
-
-
-def _check_shard(element, fmt: str) -> Iterator[tuple[str, int]]:
-    """(variant, embedding dim) of a shard of format `fmt` (each record is in one of those)."""
-    (variant, shard_fmt, _), records = element
-    if shard_fmt == fmt:
-        yield variant, _shard_table(variant, records).dim
-
-
-def _dims_by_variant(pairs: list[tuple[str, int]]) -> dict[str, int]:
-    dims = collections.defaultdict(set)
-    for variant, dim in pairs:
-        dims[variant].add(dim)
-    for variant, found in dims.items():
-        if len(found) > 1:
-            raise ValueError(f"{variant}: embeddings of different dimensions {sorted(found)}")
-    return {variant: found.pop() for variant, found in dims.items()}
-
-
-class _WriteShard(beam.DoFn):
-    """Write one shard file into the temporary directory and report what it holds."""
-
-    def __init__(self, temp_root: str, variants: Mapping[str, float | None], options: _Options):
-        self._temp_root = temp_root
-        self._variants = variants
-        self._options = options
-        self._files = beam.metrics.Metrics.counter("segclr", "shard_files_written")
-        self._segments = beam.metrics.Metrics.counter("segclr", "segments_written")
-        self._nodes = beam.metrics.Metrics.counter("segclr", "nodes_written")
-
-    def process(self, element, dims: Mapping[str, int]):
-        """`dims` is the checked embedding dimension per variant; waiting for it is the point."""
-        (variant, fmt, shard), records = element
-        table = _shard_table(variant, records)
-        assert table.dim == dims[variant]
-        segments = len(np.unique(table.segment_ids))
-        o = self._options
+    def name(self, fmt: str, shard: int) -> str:
+        o = self.options
         if fmt == "csv_zip":
-            name = f"{shard}.zip"
-            write_csv_zip(FileSystems.join(self._temp_root, variant, name), table, o.coordinates)
+            return f"{shard}.zip"
+        return tfrecord_name(o.tfrecord_prefix, shard, o.tfrecord_shards, o.tfrecord_gzip)
+
+    def write(self, variant: str, fmt: str, shard: int, table: EmbeddingTable) -> str:
+        name = self.name(fmt, shard)
+        path = self.staging.temp_path(variant, name)
+        if fmt == "csv_zip":
+            write_csv_zip(path, table, self.options.coordinates)
         else:
-            name = tfrecord_name(o.tfrecord_prefix, shard, o.tfrecord_shards, o.tfrecord_gzip)
-            write_tfrecord(FileSystems.join(self._temp_root, variant, name), table,
-                           self._variants[variant], o.tfrecord_gzip)
-        self._files.inc()
-        if fmt == o.formats[0]:
-            self._segments.inc(segments)
-            self._nodes.inc(len(table))
-        yield _Written(variant, fmt, name, segments, len(table))
+            write_tfrecord(path, table, self.variants[variant], self.options.tfrecord_gzip)
+        return name
 
-
-class _Finalize(beam.DoFn):
-    """Move every shard file into its tree, then write each tree's info.json last."""
-
-    def __init__(self, root: str, temp_root: str, variants: Mapping[str, float | None],
-                 options: _Options, provenance: Mapping[str, Any]):
-        self._root = root
-        self._temp_root = temp_root
-        self._variants = variants
-        self._options = options
-        self._provenance = provenance
-
-    def process(self, written: list[_Written], dims: Mapping[str, int]):
-        o = self._options
-        by_variant = collections.defaultdict(list)
-        for w in written:
-            by_variant[w.variant].append(w)
-        files_by_variant = {}
-        for variant, radius in sorted(self._variants.items()):
-            files = by_variant[variant]
-            names = {w.name for w in files}
+    def finalize(self, written: list[_Written]) -> list[str]:
+        """Write the empty TFRecord shards, put every file in place, info.json last."""
+        o = self.options
+        files, markers = {}, {}
+        for variant, radius in sorted(self.variants.items()):
+            mine = [w for w in written if w.variant == variant]
+            names = {w.name for w in mine}
             if "tfrecord" in o.formats:
                 for shard in range(o.tfrecord_shards):
-                    name = tfrecord_name(o.tfrecord_prefix, shard, o.tfrecord_shards,
-                                         o.tfrecord_gzip)
+                    name = self.name("tfrecord", shard)
                     if name not in names:  # A shard with no segment is an empty file.
-                        write_tfrecord(FileSystems.join(self._temp_root, variant, name),
-                                       EmbeddingTable.from_records([]), radius, o.tfrecord_gzip)
+                        self.write(variant, "tfrecord", shard, EmbeddingTable.from_records([]))
                         names.add(name)
-            counted = [w for w in files if w.fmt == o.formats[0]]
-            info = self._info(variant, radius, dims.get(variant),
-                              sum(w.segments for w in counted), sum(w.nodes for w in counted),
-                              sum(w.fmt == "csv_zip" for w in files))
-            with FileSystems.create(FileSystems.join(self._temp_root, variant, INFO_NAME),
-                                    mime_type="application/json",
-                                    compression_type=CompressionTypes.UNCOMPRESSED) as out:
-                out.write((json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
-            files_by_variant[variant] = sorted(names)
+            counted = [w for w in mine if w.fmt == o.formats[0]]
+            info = self._info(variant, radius, sum(w.segments for w in counted),
+                              sum(w.nodes for w in counted), sum(w.fmt == "csv_zip" for w in mine))
+            files[variant] = sorted(names)
+            markers[f"{variant}/{INFO_NAME}"] = (json.dumps(info, indent=2, sort_keys=True)
+                                                 + "\n").encode()
+        return self.staging.finalize(files, markers,
+                                     stale=("*.zip", "*.tfrecord", "*.tfrecord.gz"))
 
-        for variant in files_by_variant:  # Trees being replaced stop looking complete first.
-            info = FileSystems.join(self._root, variant, INFO_NAME)
-            if FileSystems.exists(info):
-                FileSystems.delete([info])
-        for variant, names in files_by_variant.items():
-            tree = FileSystems.join(self._root, variant)
-            if not FileSystems.exists(tree):
-                FileSystems.mkdirs(tree)
-            self._move(variant, names)
-            self._delete_stale(variant, names)
-        for variant in files_by_variant:
-            self._move(variant, [INFO_NAME])
-            yield FileSystems.join(self._root, variant, INFO_NAME)
-        delete_tree(self._temp_root)
-
-    def _move(self, variant: str, names: list[str]) -> None:
-        """Rename files from the temporary directory into the variant's tree.
-
-        Idempotent, so a retried finalize finishes the job: a file already moved is skipped.
-        """
-        temp = FileSystems.join(self._temp_root, variant)
-        tree = FileSystems.join(self._root, variant)
-        in_temp, in_tree = _list_names(temp, "*"), _list_names(tree, "*")
-        missing = [n for n in names if n not in in_temp and n not in in_tree]
-        if missing:
-            raise RuntimeError(f"{variant}: files vanished before finalize: {missing[:5]}")
-        pending = [n for n in names if n in in_temp]
-        if pending:
-            FileSystems.rename([FileSystems.join(temp, n) for n in pending],
-                               [FileSystems.join(tree, n) for n in pending])
-
-    def _delete_stale(self, variant: str, keep: list[str]) -> None:
-        """Delete shard files that an earlier run with other settings left in the tree."""
-        tree = FileSystems.join(self._root, variant)
-        stale = _list_names(tree, "*.zip", "*.tfrecord", "*.tfrecord.gz") - set(keep)
-        if stale:
-            FileSystems.delete([FileSystems.join(tree, n) for n in sorted(stale)])
-
-    def _info(self, variant: str, radius: float | None, dim: int | None, segments: int,
-              nodes: int, zips: int) -> dict:
-        o = self._options
+    def _info(self, variant: str, radius: float | None, segments: int, nodes: int,
+              zips: int) -> dict:
+        o = self.options
         info = {
             "format": "segclr-beam embeddings",
             "format_version": FORMAT_VERSION,
             "variant": variant,
             "aggregation_radius_nm": radius,
-            "embedding_dim": dim,
+            "embedding_dim": o.embedding_dim,
             "num_shards": o.num_shards,
             "bytewidth": o.bytewidth,
-            "sharding": "md5 of the segment id as bytewidth little-endian bytes, digest read "
-                        "as a little-endian integer, modulo num_shards",
+            "sharding": shards.SHARDING,
             "coordinates": o.coordinates.to_json(),
             "segments": segments,
             "nodes": nodes,
-            **self._provenance,
+            **self.provenance,
         }
         if "csv_zip" in o.formats:
             info["csv_zip"] = {"files": "{shard}.zip", "count": zips,
@@ -581,16 +352,25 @@ class _Finalize(beam.DoFn):
         return info
 
 
-def _list_names(directory: str, *patterns: str) -> set[str]:
-    """Names of the files directly in `directory` that match any of the glob patterns."""
-    results = FileSystems.match([FileSystems.join(directory, p) for p in patterns])
-    return {m.path.rstrip("/").rsplit("/", 1)[-1] for r in results for m in r.metadata_list}
+class _WriteShard(beam.DoFn):
+    """Write one shard file into the staging directory and report what it holds."""
 
+    def __init__(self, trees: _Trees):
+        self._trees = trees
+        self._files = beam.metrics.Metrics.counter("segclr", "shard_files_written")
+        self._segments = beam.metrics.Metrics.counter("segclr", "segments_written")
+        self._nodes = beam.metrics.Metrics.counter("segclr", "nodes_written")
 
-def delete_tree(directory: str) -> None:
-    """Delete a directory and everything below it, locally or on an object store."""
-    if FileSystems.get_scheme(directory) in (None, "file"):
-        if FileSystems.exists(directory):
-            FileSystems.delete([directory])
-    else:  # Object stores delete everything under a prefix given with a trailing slash.
-        FileSystems.delete([directory + "/"])
+    def process(self, element):
+        (variant, fmt, shard), tagged = element
+        try:
+            table = EmbeddingTable.from_records(record for _, record in tagged).sorted()
+        except ValueError as e:
+            raise ValueError(f"{variant}: {e}") from None
+        segments = len(np.unique(table.segment_ids))
+        name = self._trees.write(variant, fmt, shard, table)
+        self._files.inc()
+        if fmt == self._trees.options.formats[0]:
+            self._segments.inc(segments)
+            self._nodes.inc(len(table))
+        yield _Written(variant, fmt, name, segments, len(table))

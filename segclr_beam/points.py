@@ -12,37 +12,24 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import itertools
-import json
-import os
-import re
-import struct
-import uuid
 import zlib
-from typing import Any, Collection, Iterable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import apache_beam as beam
 import fastavro
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
-import tensorstore as ts
 from apache_beam.io.filesystems import FileSystems
-from osteoid import Skeleton
 
-from segclr_beam.volume import kvstore_url
+from segclr_beam import shards
+from segclr_beam.precomputed import SkeletonSource
+from segclr_beam.records import Point, as_long, as_uint64
 
-
-class Point(NamedTuple):
-    """One skeleton sample point; x, y, z in voxels at the embedding resolution."""
-
-    segment_id: int
-    node_id: int
-    x: int
-    y: int
-    z: int
+if TYPE_CHECKING:
+    from osteoid import Skeleton
 
 
 class PointsError(ValueError):
@@ -57,9 +44,9 @@ AVRO_SCHEMA = fastavro.parse_schema({
            "segment_id is a uint64 stored as the int64 with the same bits.",
     "fields": [{"name": name, "type": "long"} for name in Point._fields],
 })
-_SYNC_MARKER = hashlib.md5(b"segclr_beam.points").digest()  # fixed: reruns give equal bytes
+_AVRO_NAME = "segclr_beam.points"  # fixes the sync marker: reruns give equal bytes
+_BYTEWIDTH = 8  # segment ids are uint64
 _TABLE_COLUMNS = ("segment_id", "x", "y", "z")
-_UINT64 = 1 << 64
 
 
 class TableRow(NamedTuple):
@@ -123,137 +110,18 @@ def skeleton_points(segment_id: int, skeleton: Skeleton, resolution: Sequence[fl
     return [Point(int(segment_id), node, *map(int, xyz)) for node, xyz in enumerate(voxels)]
 
 
-# Precomputed skeletons (https://github.com/google/neuroglancer/blob/master/src/datasource/
-# precomputed/skeletons.md): one file per segment, or uint64-sharded files read through
-# TensorStore's neuroglancer_uint64_sharded key-value store.
-_RADIUS = {"id": "radius", "data_type": "float32", "num_components": 1}
-_SEGMENT_FILE = re.compile(r"^(\d+)(\.gz)?$")
-
-
-def to_precomputed(skeleton: Skeleton, resolution: Sequence[float]) -> bytes:
-    """A skeleton (nm, voxel i at i * resolution) as a precomputed skeleton file: vertices
-    at voxel centres, with the radius as a vertex attribute."""
-    centres = skeleton.vertices + 0.5 * np.asarray(resolution, dtype=np.float32)
-    out = Skeleton(centres.astype(np.float32), skeleton.edges, radii=skeleton.radius,
-                   extra_attributes=[_RADIUS])
-    return out.to_precomputed()
-
-
-def skeletons_info() -> dict:
-    """The info file of a directory of skeletons written by `to_precomputed`."""
-    return {"@type": "neuroglancer_skeletons", "transform": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
-            "vertex_attributes": [_RADIUS]}
-
-
-@dataclasses.dataclass
-class SkeletonSource:
-    """A directory of neuroglancer precomputed skeletons, unsharded or uint64-sharded.
-
-    Pickles as its path and info, so Beam workers reopen it lazily.
-    """
-
-    path: str
-    info: dict
-    _shards: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_shards": None}
-
-    @classmethod
-    def open(cls, path: str) -> "SkeletonSource":
-        path = path.rstrip("/")
-        info_path = FileSystems.join(path, "info")
-        try:
-            with FileSystems.open(info_path) as f:
-                info = json.loads(f.read())
-        except (OSError, ValueError) as e:
-            raise PointsError(f"{path}: not a precomputed skeleton directory "
-                              f"({info_path}: {e})") from None
-        if info.get("@type") != "neuroglancer_skeletons":
-            raise PointsError(f"{info_path}: @type is {info.get('@type')!r}, "
-                              "expected 'neuroglancer_skeletons'")
-        sharding = info.get("sharding")
-        if sharding is not None and sharding.get("@type") != "neuroglancer_uint64_sharded_v1":
-            raise PointsError(f"{info_path}: unknown sharding {sharding.get('@type')!r}")
-        return cls(path, info)
-
-    @property
-    def sharded(self) -> bool:
-        return self.info.get("sharding") is not None
-
-    @property
-    def shards(self) -> ts.KvStore:
-        if self._shards is None:
-            self._shards = ts.KvStore.open({
-                "driver": "neuroglancer_uint64_sharded", "base": kvstore_url(self.path),
-                "metadata": self.info["sharding"]}).result()
-        return self._shards
-
-    def segment_ids(self) -> list[int]:
-        """Every segment that has a skeleton here, sorted."""
-        if self.sharded:
-            return sorted(struct.unpack(">Q", key)[0] for key in self.shards.list().result())
-        found = FileSystems.match([FileSystems.join(self.path, "*")])[0].metadata_list
-        names = (_SEGMENT_FILE.match(m.path.rstrip("/").rsplit("/", 1)[-1]) for m in found)
-        return sorted({int(name.group(1)) for name in names if name})
-
-    def read(self, segment_id: int) -> Skeleton | None:
-        """A segment's skeleton in nm (the info transform applied), or None if it has none."""
-        data = self._read_bytes(segment_id)
-        if data is None:
-            return None
-        attributes = self.info.get("vertex_attributes", [])
-        self._check_size(segment_id, data, attributes)
-        skeleton = Skeleton.from_precomputed(data, segid=segment_id, vertex_attributes=attributes)
-        transform = np.asarray(self.info.get("transform", np.eye(3, 4).ravel()),
-                               dtype=np.float64).reshape(3, 4)
-        skeleton.vertices = skeleton.vertices @ transform[:, :3].T + transform[:, 3]
-        return skeleton
-
-    def _read_bytes(self, segment_id: int) -> bytes | None:
-        if self.sharded:
-            found = self.shards.read(struct.pack(">Q", segment_id)).result()
-            return bytes(found.value) if found.state == "value" else None
-        for name in (str(segment_id), f"{segment_id}.gz"):
-            path = FileSystems.join(self.path, name)
-            if FileSystems.exists(path):
-                with FileSystems.open(path) as f:
-                    return f.read()
-        return None
-
-    def _check_size(self, segment_id: int, data: bytes, attributes: list[dict]) -> None:
-        """Fail clearly on a truncated file (the decoder would fail obscurely)."""
-        if len(data) >= 8:
-            vertices, edges = struct.unpack_from("<II", data)
-            size = 8 + 12 * vertices + 8 * edges
-            extra = sum(vertices * int(a["num_components"]) * np.dtype(a["data_type"]).itemsize
-                        for a in attributes)
-            if len(data) in (size, size + extra):
-                return
-            expected = f"{size} or {size + extra}"
-        else:
-            expected = "at least 8"
-        raise PointsError(f"{self.path}: skeleton of segment {segment_id} has {len(data)} "
-                          f"bytes, expected {expected}")
-
-
 # Tables and Avro files ---------------------------------------------------------------------
 
-def as_long(segment_id: int) -> int:
-    """A uint64 segment id as the Avro long (int64) with the same bits."""
-    return segment_id - _UINT64 if segment_id >= 1 << 63 else segment_id
-
-
-def as_uint64(value: int) -> int:
-    """The uint64 segment id stored in an Avro long."""
-    return value + _UINT64 if value < 0 else value
+def encode_avro(points: Iterable[Point]) -> bytes:
+    """Points as an Avro file, sorted, with deterministic bytes."""
+    records = ({"segment_id": as_long(p.segment_id), "node_id": p.node_id,
+                "x": p.x, "y": p.y, "z": p.z} for p in sorted(points))
+    return shards.encode_avro(AVRO_SCHEMA, records, _AVRO_NAME)
 
 
 def write_avro(stream: io.IOBase, points: Iterable[Point]) -> None:
     """Write points to an open binary stream as Avro, sorted, with deterministic bytes."""
-    records = ({"segment_id": as_long(p.segment_id), "node_id": p.node_id,
-                "x": p.x, "y": p.y, "z": p.z} for p in sorted(points))
-    fastavro.writer(stream, AVRO_SCHEMA, records, codec="deflate", sync_marker=_SYNC_MARKER)
+    stream.write(encode_avro(points))
 
 
 def _table_format(path: str) -> str:
@@ -269,7 +137,7 @@ def _header(path: str) -> list[str]:
     try:
         with FileSystems.open(path) as f:
             if _table_format(path) == "avro":
-                columns = [field["name"] for field in fastavro.reader(f).writer_schema["fields"]]
+                columns = shards.avro_fields(f)
             else:
                 line = io.TextIOWrapper(f, encoding="utf-8-sig", newline="").readline()
                 columns = next(csv.reader([line]), [])
@@ -306,7 +174,7 @@ def _row(values: dict, where: str, has_node_id: bool) -> TableRow:
     segment_id = _integer(values["segment_id"], "segment_id", where)
     if -(1 << 63) <= segment_id < 0:
         segment_id = as_uint64(segment_id)  # a uint64 stored in an Avro long
-    if not 0 < segment_id < _UINT64:
+    if not 0 < segment_id < 1 << 64:
         raise PointsError(f"{where}: segment_id must be in 1 .. 2**64-1, got {segment_id}")
     node_id = None
     if has_node_id:
@@ -326,7 +194,7 @@ def read_table(path: str) -> Iterator[TableRow]:
     has_node_id = "node_id" in columns
     with FileSystems.open(path) as f:
         if _table_format(path) == "avro":
-            records = fastavro.reader(f)
+            records = shards.read_avro(f)
             index = 0
             try:
                 for index, record in enumerate(records, start=1):
@@ -482,54 +350,43 @@ def shard_paths(path: str, num_shards: int) -> list[str]:
     return [f"{stem}-{i:05d}-of-{num_shards:05d}.avro" for i in range(num_shards)]
 
 
-def _shard_of(segment_id: int, num_shards: int) -> int:
-    return zlib.crc32(segment_id.to_bytes(8, "little")) % num_shards
-
-
 @dataclasses.dataclass(frozen=True)
-class _ShardWriter:
-    """Writes each shard to a temporary file, then moves them all into place at once."""
+class _PointsFiles:
+    """The shard files of a points file, staged below the directory that holds them."""
 
-    paths: tuple[str, ...]
-    temp_dir: str
+    names: tuple[str, ...]
+    staging: shards.Staging
+
+    def keys(self, point: Point) -> list[int]:
+        return [shards.shard_of(point.segment_id, len(self.names), _BYTEWIDTH)]
 
     def write(self, shard: int, points: Iterable[Point]) -> int:
-        with FileSystems.create(FileSystems.join(self.temp_dir, str(shard))) as f:
-            write_avro(f, points)
+        shards.write_file(self.staging.temp_path("", self.names[shard]), encode_avro(points))
         return shard
 
     def finalize(self, written: list[int]) -> list[str]:
-        for shard, path in enumerate(self.paths):
-            if shard not in written:  # a shard without points is still a valid, empty file
-                self.write(shard, [])
-        FileSystems.rename([FileSystems.join(self.temp_dir, str(s)) for s in range(len(self.paths))],
-                           list(self.paths))
-        FileSystems.delete([self.temp_dir])
-        return list(self.paths)
+        for shard in set(range(len(self.names))) - set(written):
+            self.write(shard, [])  # a shard without points is still a valid, empty file
+        self.staging.finalize({"": self.names})
+        return [self.staging.final_path("", name) for name in self.names]
 
 
 class WritePoints(beam.PTransform):
     """Write points as Avro to `path` (or `num_shards` files, see `shard_paths`).
 
-    Points are sharded by segment and sorted within a shard, so reruns give identical bytes.
-    Shards go to a temporary directory first and are moved into place when all are written.
-    The output is a PCollection with the list of files.
+    Points are sharded by segment (the output trees' rule) and sorted within a shard, so
+    reruns give identical bytes. Shards are staged and moved into place when all are written
+    (see segclr_beam.shards). The output is a PCollection with the list of files.
     """
 
     def __init__(self, path: str, num_shards: int = 1):
         super().__init__()
         if num_shards < 1:
             raise ValueError(f"num_shards: must be >= 1, got {num_shards}")
-        head, tail = os.path.split(path.rstrip("/")) if "://" not in path else path.rsplit("/", 1)
-        temp_dir = FileSystems.join(head, f".{tail}.{uuid.uuid4().hex}.tmp")
-        self._writer = _ShardWriter(tuple(shard_paths(path, num_shards)), temp_dir)
-        self._num_shards = num_shards
+        directory = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+        names = tuple(p.rsplit("/", 1)[-1] for p in shard_paths(path.rstrip("/"), num_shards))
+        self._files = _PointsFiles(names, shards.Staging.below(directory))
 
     def expand(self, points):
-        n = self._num_shards
-        return (points
-                | "KeyByShard" >> beam.Map(lambda p: (_shard_of(p.segment_id, n), p))
-                | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShards" >> beam.MapTuple(self._writer.write)
-                | "AllShards" >> beam.combiners.ToList()
-                | "Finalize" >> beam.Map(self._writer.finalize))
+        files = self._files
+        return points | "Shards" >> shards.WriteShards(files.keys, files.write, files.finalize)

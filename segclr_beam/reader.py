@@ -17,7 +17,8 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from segclr_beam.outputs import INFO_NAME, CoordinateSystem, check_sharding, shard_of
+from segclr_beam.outputs import INFO_NAME, CoordinateSystem
+from segclr_beam.shards import check_sharding, shard_of
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,8 @@ manifest by their voxel fingerprints:
     stale      a previous segment that is not carried over (removed, or its id reused)
 
 Only changed and new segments are skeletonized, cut out and embedded; a cutout whose digest
-equals that of a stale segment's node reuses its embedding instead of running the model.
+equals that of a stale segment's node at the same position reuses its embedding instead of
+running the model (see EmbedChanged).
 Unchanged segments' nodes and raw embeddings are carried over from the previous manifest under
 their new ids; radius means and every output tree are then written in full by the same stages
 as a full run, so the new tree equals a full run on the new version. The previous run is only
@@ -35,18 +36,24 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import StandardOptions
 
-from segclr_beam import cutouts, inference, pipeline
+from segclr_beam import cutouts, inference, pipeline, shards
 from segclr_beam.config import ConfigError, EmbedConfig
+from segclr_beam.job import (Job, RunSummary, counters, describe_run, make_points, prepare,
+                             record_run, submitted, summarize, write_results)
 from segclr_beam.manifest import (NODES, SEGMENTS, Fingerprints, Manifest, ManifestError,
                                   NodeRecord, ReadTable, SegmentRecord, WriteManifest,
-                                  cutout_digest, cutout_key, describe_run, differences,
-                                  fingerprint_box, read_table_file)
-from segclr_beam.outputs import delete_tree
-from segclr_beam.points import as_long, as_uint64
+                                  cutout_digest, cutout_key, differences, fingerprint_box,
+                                  read_table_file)
+from segclr_beam.records import Point, as_long, as_uint64
 from segclr_beam.runner import LOCAL_RUNNER, DataflowGpu, pipeline_options
+from segclr_beam.shards import delete_tree, join
 
 STAGING = ".reprocess"  # under the new output root while reprocessing; removed at the end
+# Top-level step names of the second job, in data-flow order, for the seconds per step.
+STAGES = ("Classify", "SplitPrevious", "Points", "Embed", "WritePoints", "Aggregate", "Write",
+          "Manifest", "Record")
 _CHANGES, _TO_EMBED = "changes", "embed.txt"
+_AVRO_NAME = "segclr_beam.reprocess"  # fixes the staged files' sync marker
 _STALE, _REUSED = "stale", "reused"
 _LOG = logging.getLogger(__name__)
 
@@ -206,8 +213,8 @@ class ClassifyByIds(beam.PTransform):
 
 class _SplitPrevious(beam.DoFn):
     """(shard, {"file": previous node file, "fates": (old id, new id or None)}) -> the nodes of
-    carried segments under their new ids; tagged "stale": (cutout digest, embedding) of the
-    nodes of stale segments, the cache for node-level reuse."""
+    carried segments under their new ids; tagged "stale": ((x, y, z), (cutout digest,
+    embedding)) of the nodes of stale segments, the cache for node-level reuse."""
 
     def __init__(self):
         self._carried = beam.metrics.Metrics.counter("segclr", "nodes_carried")
@@ -225,45 +232,69 @@ class _SplitPrevious(beam.DoFn):
                 new_id = fates[old_id]
                 if new_id is None:
                     self._cached.inc()
-                    yield beam.pvalue.TaggedOutput(_STALE, (node.cutout_digest, node.embedding))
+                    yield beam.pvalue.TaggedOutput(
+                        _STALE, (node.point[2:], (node.cutout_digest, node.embedding)))
                 else:
                     self._carried.inc()
                     yield node._replace(point=node.point._replace(segment_id=new_id))
 
 
+def _with_candidates(position, joined: dict) -> Iterator[tuple[Point, tuple]]:
+    """(Point, the stale nodes' (digest, embedding) at its position) for each new point."""
+    candidates = tuple(joined["stale"])
+    for point in joined["point"]:
+        yield point, candidates
+
+
 class _Reuse(beam.DoFn):
-    """(Point, cutout) -> NodeRecord tagged "reused" if the cache holds the cutout's digest,
-    else ((Point, digest), cutout) for the model."""
+    """((Point, candidates), cutout) -> NodeRecord tagged "reused" if a candidate has the
+    cutout's digest, else ((Point, digest), cutout) for the model."""
 
     def __init__(self, key: bytes):
         self._key = key
         self._reused = beam.metrics.Metrics.counter("segclr", "embeddings_reused")
 
-    def process(self, element, cache):
-        point, cutout = element
+    def process(self, element):
+        (point, candidates), cutout = element
         digest = cutout_digest(cutout, self._key)
-        for embedding in cache[digest]:  # equal digests: equal embeddings; any one will do
-            self._reused.inc()
-            yield beam.pvalue.TaggedOutput(_REUSED, NodeRecord(point, digest, embedding))
-            return
+        for found, embedding in candidates:  # equal digests: equal embeddings
+            if found == digest:
+                self._reused.inc()
+                yield beam.pvalue.TaggedOutput(_REUSED, NodeRecord(point, digest, embedding))
+                return
         yield (point, digest), cutout
 
 
 class EmbedChanged(beam.PTransform):
-    """(Point, cutout) -> NodeRecord: embeddings reused from `cache` ((digest, embedding)) or
-    from the model. The cache is a multimap side input, which runners read whole while small
-    and look up key by key once large, so only digests of new cutouts are ever looked up."""
+    """Points of changed and new segments -> NodeRecord, the embedding reused from `cache`
+    (stale nodes' ((x, y, z), (digest, embedding))) where the masked cutout is the same, else
+    from the model.
 
-    def __init__(self, model_dir: str, batch_size: int, model: dict, cache: beam.PCollection):
+    A cutout is centred on its node, so a cutout seen before was seen at the same position:
+    the cache is joined to the points by position (CoGroupByKey of light records, which
+    scales like the other shuffles), each point travels to the cutout stage with the stale
+    nodes at its position, and there its cutout's digest decides between reuse and the model
+    in one fused stage. Each cutout is cut once and never crosses a shuffle.
+    """
+
+    def __init__(self, job: Job, cache: beam.PCollection):
         super().__init__()
-        self._embed = inference.Embed(model_dir, batch_size)
-        self._key = cutout_key(model)
+        config = job.config
+        self._cutouts = cutouts.MakeCutouts(job.em, job.segmentation, config.block_size,
+                                            config.cutout_size, keyed=True)
+        self._embed = inference.Embed(job.model_dir, config.batch_size)
+        self._key = cutout_key(job.model)
         self._cache = cache
 
-    def expand(self, masked):
-        looked_up = masked | "Reuse" >> beam.ParDo(
-            _Reuse(self._key), beam.pvalue.AsMultiMap(self._cache)).with_outputs(
-                _REUSED, main="misses")
+    def expand(self, points):
+        candidates = ({"point": points | "ByPosition" >> beam.Map(lambda p: (p[2:], p)),
+                       "stale": self._cache}
+                      | "JoinByPosition" >> beam.CoGroupByKey()
+                      | "Candidates" >> beam.FlatMapTuple(_with_candidates))
+        looked_up = (candidates
+                     | "Cutouts" >> self._cutouts
+                     | "Reuse" >> beam.ParDo(_Reuse(self._key)).with_outputs(
+                         _REUSED, main="misses"))
         embedded = (looked_up.misses
                     | "Model" >> self._embed
                     | "Nodes" >> beam.MapTuple(lambda key, e: NodeRecord(key[0], key[1], e)))
@@ -282,7 +313,7 @@ def _current_segment(change: Change) -> Iterator[SegmentRecord]:
         yield SegmentRecord(change.new_id, change.fingerprint, change.voxels)
 
 
-def build(p: beam.Pipeline, job: pipeline.Job, previous: Manifest, changes: beam.PCollection,
+def build(p: beam.Pipeline, job: Job, previous: Manifest, changes: beam.PCollection,
           to_embed: Collection[int], description: dict, staging: str) -> None:
     """Add the reprocessing stages to `p`: carry over, re-embed `to_embed`, write everything,
     remove `staging`, and record the run last."""
@@ -294,17 +325,11 @@ def build(p: beam.Pipeline, job: pipeline.Job, previous: Manifest, changes: beam
              | "SplitPrevious" >> beam.ParDo(_SplitPrevious()).with_outputs(_STALE, main="carried"))
     nodes = [split.carried]
     if to_embed:
-        masked = (pipeline.make_points(p, job, to_embed)
-                  | "Cutouts" >> cutouts.MakeCutouts(job.em, job.segmentation, config.block_size,
-                                                     config.cutout_size))
-        nodes.append(masked | "Embed" >> EmbedChanged(job.model_dir, config.batch_size,
-                                                      job.model, split[_STALE]))
+        nodes.append(make_points(p, job, to_embed)
+                     | "Embed" >> EmbedChanged(job, split[_STALE]))
     nodes = nodes | "AllNodes" >> beam.Flatten()
-    embeddings = (nodes
-                  | "Embeddings" >> beam.Map(lambda r: (r.point, r.embedding))
-                  | "Progress" >> beam.ParDo(pipeline.Progress("embeddings")))
-    trees = pipeline.write_results(job, nodes | "NodePoints" >> beam.Map(lambda r: r.point),
-                                   embeddings)
+    embeddings = nodes | "Embeddings" >> beam.Map(lambda r: (r.point, r.embedding))
+    trees = write_results(job, nodes | "NodePoints" >> beam.Map(lambda r: r.point), embeddings)
     segments = changes | "CurrentSegments" >> beam.FlatMap(_current_segment)
     recorded = ({SEGMENTS: segments, NODES: nodes}
                 | "Manifest" >> WriteManifest(config.output, description, config.num_shards,
@@ -313,7 +338,7 @@ def build(p: beam.Pipeline, job: pipeline.Job, previous: Manifest, changes: beam
                | "Written" >> beam.Flatten()
                | "AllOutputs" >> beam.combiners.ToList()
                | "RemoveStaging" >> beam.Map(lambda _, path: delete_tree(path), staging))
-    pipeline.record_run(job, [cleaned])
+    record_run(job, [cleaned])
 
 
 # The job -------------------------------------------------------------------------------------
@@ -323,7 +348,7 @@ class ReprocessSummary:
     """What a reprocessing run did. `run` sums the counters and wall time of both jobs (on a
     remote runner: of the first; the second has only been submitted)."""
 
-    run: pipeline.RunSummary
+    run: RunSummary
     changes: dict[str, int]  # segments per class; empty after --full or while still running
     segments_embedded: int | None  # segments sent to skeletonization (None: full recompute)
     full: bool
@@ -347,12 +372,34 @@ def _read_ids(path: str) -> list[int]:
         return sorted(int(line) for line in f.read().decode().split())
 
 
-def _counters(result) -> dict[str, int]:
-    return {m.key.metric.name: m.committed for m in result.metrics().query()["counters"]
-            if m.key.metric.namespace == "segclr"}
+@dataclasses.dataclass(frozen=True)
+class _StagedChanges:
+    """The classification, staged as Avro shard files for the second job."""
+
+    staging: shards.Staging  # below the reprocessing staging directory
+    num_shards: int
+
+    def keys(self, change: Change) -> list[int]:
+        segment_id = change.new_id if change.new_id is not None else change.old_id
+        return [shards.shard_of(segment_id, self.num_shards, 8)]
+
+    def write(self, shard: int, changes: Iterable[Change]) -> str:
+        order = sorted(changes, key=lambda c: (c.new_id or 0, c.old_id or 0))
+        name = f"{shard}.avro"
+        shards.write_file(self.staging.temp_path(_CHANGES, name), shards.encode_avro(
+            CHANGES_SCHEMA, map(_change_to_avro, order), _AVRO_NAME))
+        return name
+
+    def finalize(self, names: list[str]) -> None:
+        self.staging.finalize({_CHANGES: names})
 
 
-def _classify(job: pipeline.Job, previous: Manifest, staging: str, beam_args: list[str],
+def _read_changes(path: str) -> Iterator[Change]:
+    with FileSystems.open(path) as f:
+        yield from map(_change_from_avro, shards.read_avro(f.read()))
+
+
+def _classify(job: Job, previous: Manifest, staging: str, beam_args: list[str],
               gpu: DataflowGpu | None) -> tuple[list[int], dict[str, int]]:
     """The first job: fingerprints of the new version, classified and staged. Returns the ids
     to skeletonize (changed and new segments that are large enough) and the counters."""
@@ -363,26 +410,25 @@ def _classify(job: pipeline.Job, previous: Manifest, staging: str, beam_args: li
     changes = ({"previous": p | "PreviousSegments" >> ReadTable(previous, SEGMENTS),
                 "current": current}
                | "Classify" >> ClassifyByFingerprint())
-    _ = (changes
-         | "ToAvro" >> beam.Map(_change_to_avro)
-         | "StageChanges" >> beam.io.WriteToAvro(FileSystems.join(staging, _CHANGES),
-                                                 CHANGES_SCHEMA, file_name_suffix=".avro"))
+    staged = _StagedChanges(shards.Staging.below(staging), config.num_shards)
+    _ = changes | "StageChanges" >> shards.WriteShards(staged.keys, staged.write,
+                                                      staged.finalize)
     _ = (changes
          | "ToEmbed" >> beam.FlatMap(
              lambda c, least: [str(c.new_id)] if c.status in ("changed", "new")
              and c.voxels >= least else [], config.min_voxels)
-         | "StageIds" >> beam.io.WriteToText(FileSystems.join(staging, _TO_EMBED),
+         | "StageIds" >> beam.io.WriteToText(join(staging, _TO_EMBED),
                                              num_shards=1, shard_name_template=""))
     result = p.run()
     result.wait_until_finish()
-    return _read_ids(FileSystems.join(staging, _TO_EMBED)), _counters(result)
+    return _read_ids(join(staging, _TO_EMBED)), counters(result)
 
 
-def _reusing_job(manifest: Manifest, config: EmbedConfig) -> tuple[pipeline.Job, dict]:
+def _reusing_job(manifest: Manifest, config: EmbedConfig) -> tuple[Job, dict]:
     """The job for `config` and its manifest description, once it is clear that the previous
     run's embeddings are valid for it: every refusal comes before any work."""
-    job = pipeline.prepare(config)
-    description = describe_run(job, pipeline.skeleton_options(config))
+    job = prepare(config)
+    description = describe_run(job)
     differing = differences(manifest.parameters, description["parameters"])
     if differing:
         raise ConfigError(f"cannot reuse the run at {manifest.root}: " + "; ".join(differing)
@@ -396,14 +442,16 @@ def _reusing_job(manifest: Manifest, config: EmbedConfig) -> tuple[pipeline.Job,
     return job, description
 
 
-def _changes(p: beam.Pipeline, job: pipeline.Job, manifest: Manifest, staging: str,
+def _changes(p: beam.Pipeline, job: Job, manifest: Manifest, staging: str,
              changed_ids: list[int] | None, removed_ids: Collection[int]) -> beam.PCollection:
     """The staged classification, or the classification by the given changed ids."""
     if changed_ids is None:
+        files = sorted(join(staging, _CHANGES, name)
+                       for name in shards.list_names(join(staging, _CHANGES), "*.avro"))
         return (p
-                | "ReadChanges" >> beam.io.ReadFromAvro(
-                    FileSystems.join(staging, _CHANGES + "*.avro"))
-                | "FromAvro" >> beam.Map(_change_from_avro))
+                | "Classify" >> beam.Create(files)
+                | "SpreadChanges" >> beam.Reshuffle()
+                | "ReadChanges" >> beam.FlatMap(_read_changes))
     current = p | "Fingerprints" >> Fingerprints(
         job.segmentation, fingerprint_box(job.bbox, job.config.cutout_size),
         job.config.chunk_size, segment_ids=changed_ids)
@@ -441,11 +489,11 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
     job, description = _reusing_job(manifest, config)
 
     beam_args = list(beam_args or [])
-    staging = FileSystems.join(config.output.rstrip("/"), STAGING)
+    staging = join(config.output, STAGING)
     delete_tree(staging)
-    counters: dict[str, int] = {}
+    classified: dict[str, int] = {}
     if changed_ids is None:
-        to_embed, counters = _classify(job, manifest, staging, beam_args, gpu)
+        to_embed, classified = _classify(job, manifest, staging, beam_args, gpu)
     else:
         changed_ids = to_embed = sorted(set(map(int, changed_ids)))
     options = pipeline_options(beam_args, gpu)
@@ -454,12 +502,13 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
     build(p, job, manifest, changes, to_embed, description, staging)
     result = p.run()
     if options.view_as(StandardOptions).runner != LOCAL_RUNNER:  # submitted; it records itself
-        summary = pipeline.RunSummary(result, counters, {}, 0.0, job.trees, job.model)
-        classes = _classes(counters) if changed_ids is None else {}  # else: still running
+        summary = submitted(result, job)
+        summary.counters.update(classified)
+        classes = _classes(classified) if changed_ids is None else {}  # else: still running
         return ReprocessSummary(summary, classes, len(to_embed), False)
     result.wait_until_finish()
-    summary = pipeline.summarize(result, job, time.monotonic() - start)
-    for name, value in counters.items():
+    summary = summarize(result, job, time.monotonic() - start, STAGES)
+    for name, value in classified.items():
         summary.counters[name] = summary.counters.get(name, 0) + value
     classes = _classes(summary.counters)
     _LOG.info("reprocessed %s from %s: %s segments; %d re-embedded", config.output,

@@ -30,7 +30,8 @@ import scipy.spatial
 from apache_beam.io.filesystems import FileSystems
 from osteoid import Skeleton
 
-from segclr_beam.points import skeleton_points, skeletons_info, to_precomputed
+from segclr_beam.points import skeleton_points
+from segclr_beam.precomputed import skeletons_info, to_precomputed
 from segclr_beam.volume import Box, Volume, VolumeError
 
 OVERLAP = 1  # voxels a chunk shares with each upper neighbour

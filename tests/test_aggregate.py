@@ -8,7 +8,7 @@ import pytest
 from apache_beam.testing.util import assert_that
 
 from segclr_beam.aggregate import AggregateEmbeddings, radius_means
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 
 RESOLUTION = np.array([32.0, 32.0, 40.0])
 
@@ -66,7 +66,7 @@ def test_empty_and_single_node():
     (np.zeros((3, 2)), np.zeros((3, 4)), [1.0], r"positions_nm must have shape \[N, 3\]"),
     (np.zeros((3, 3)), np.zeros((2, 4)), [1.0], r"embeddings must have shape \[3, D\]"),
     (np.full((1, 3), np.nan), np.zeros((1, 4)), [1.0], "NaN or infinite"),
-    (np.zeros((1, 3)), np.zeros((1, 4)), [0.0], "radius must be positive"),
+    (np.zeros((1, 3)), np.zeros((1, 4)), [0.0], "radius must be > 0"),
 ])
 def test_bad_inputs(positions, embeddings, radii, message):
     with pytest.raises(ValueError, match=message):

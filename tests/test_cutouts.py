@@ -13,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from segclr_beam.cutouts import (CutoutReader, CutoutStats, MakeCutouts, PointOutsideError,
                                  block_of, cut_block, group_key, windows_box)
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 from segclr_beam.volume import Box, open_volumes
 
 

@@ -19,7 +19,7 @@ from apache_beam.testing.util import BeamAssertException, assert_that
 from segclr_beam import model as segclr_model
 from segclr_beam.inference import Embed, SegclrModelHandler
 from segclr_beam.model import Architecture
-from segclr_beam.points import Point
+from segclr_beam.records import Point
 # Beam's batches and the direct call's differ: the embeddings agree to the batch tolerance.
 from tolerance import assert_embeddings_close as assert_close
 
@@ -72,9 +72,9 @@ def test_handler_rejects_cutouts_the_model_cannot_take(exported):
     with pytest.raises(ValueError, match=r"cutout 0 of a batch is uint8 \(33, 33, 32\)"):
         handler.run_inference([good[:, :, :32]], model)
     with pytest.raises(ValueError, match="not a SegCLR model"):
-        SegclrModelHandler(str(REPO / "tests"))
+        SegclrModelHandler(str(REPO / "tests"), batch_size=4)
     with pytest.raises(ValueError, match="model_copies=2 needs share_model_across_processes"):
-        SegclrModelHandler(exported, model_copies=2)
+        SegclrModelHandler(exported, batch_size=4, model_copies=2)
 
 
 @pytest.mark.parametrize("share", [False, True], ids=["per-process", "shared"])

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from segclr_beam.aggregate import AggregateEmbeddings
-from segclr_beam.outputs import (CoordinateSystem, EmbeddingTable, WriteEmbeddings, csv_rows,
-                                 output_variants, shard_of, tfrecord_name)
-from segclr_beam.points import Point
+from segclr_beam.outputs import CoordinateSystem, WriteEmbeddings, csv_rows, tfrecord_name
 from segclr_beam.reader import EmbeddingReader
+from segclr_beam.records import EmbeddingTable, Point, output_variants
+from segclr_beam.shards import TEMP_PREFIX, shard_of
 
 RESOLUTION = (32.0, 32.0, 40.0)
 DIM = 8
@@ -41,7 +41,8 @@ def make_records(seed: int = 0, segments=SEGMENTS, dim: int = DIM) -> list:
 
 def write(records, out: str, *, variants=VARIANTS, aggregate=True, **options) -> None:
     options = {"coordinates": CoordinateSystem.microns_public(RESOLUTION), "num_shards": 50000,
-               "bytewidth": 8, "tfrecord_shards": 3, "volumes": {"em": "gs://em", "seg": "s"},
+               "bytewidth": 8, "embedding_dim": DIM, "tfrecord_shards": 3,
+               "volumes": {"em": "gs://em", "seg": "s"},
                "model": {"name": "segclr"}, **options}
     with beam.Pipeline(runner="FnApiRunner") as p:
         raw = p | beam.Create(records, reshuffle=False)
@@ -70,22 +71,10 @@ def written(tmp_path_factory):
     return out, records
 
 
-def test_shard_check_values_from_spec():
-    assert shard_of(864691135591041291, num_shards=50000, bytewidth=8) == 7443
-    assert shard_of(864691135591041291, num_shards=10000, bytewidth=64) == 885
-
-
 def test_variant_names():
     assert output_variants((10000, 25000.0)) == {"raw": None, "agg10um": 10000.0,
                                                  "agg25um": 25000.0}
     assert output_variants((12500.0,), raw=False) == {"agg12500nm": 12500.0}
-
-
-def test_shard_rejects_ids_that_do_not_fit():
-    with pytest.raises(ValueError, match=r"does not fit in bytewidth=4 bytes \(it needs 8\)"):
-        shard_of(864691135591041291, 100, 4)
-    with pytest.raises(ValueError, match="negative"):
-        shard_of(-1, 100, 8)
 
 
 def test_csv_floats_are_shortest_float32_round_trip():
@@ -280,15 +269,17 @@ def test_gcs_gives_the_same_bytes(written, gcs):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"num_shards": 0}, "num_shards must be an integer >= 1"),
-    ({"bytewidth": 0}, "bytewidth must be an integer >= 1"),
+    ({"num_shards": 0}, "num_shards: must be an integer >= 1"),
+    ({"bytewidth": 0}, "bytewidth: must be an integer >= 1"),
+    ({"embedding_dim": 0}, "embedding_dim must be an integer >= 1"),
     ({"formats": ("csv",)}, "formats must be distinct names"),
     ({"tfrecord_shards": 100000}, "tfrecord_shards"),
     ({"coordinates": (32, 32, 40)}, "coordinates must be a CoordinateSystem"),
     ({"model": object()}, "JSON-serialisable"),
 ])
 def test_bad_options_fail_at_construction(tmp_path, options, message):
-    options = {"coordinates": CoordinateSystem.voxels(RESOLUTION), **options}
+    options = {"coordinates": CoordinateSystem.voxels(RESOLUTION), "num_shards": 10,
+               "bytewidth": 8, "embedding_dim": DIM, **options}
     with pytest.raises(ValueError, match=message):
         WriteEmbeddings(str(tmp_path / "out"), {"raw": None}, **options)
     assert not (tmp_path / "out").exists()
@@ -332,7 +323,7 @@ def _too_wide(records):
 
 def _other_dim(records):
     records.append((Point(31, 0, 1, 2, 3), np.zeros(DIM + 1, np.float32)))
-    return r"raw: embeddings of different dimensions \[8, 9\]"
+    return rf"raw: embedding of segment 31 node 0 has shape \(9,\), expected \({DIM},\)"
 
 
 @pytest.mark.parametrize("corrupt", [_nan, _inf, _duplicate_node, _duplicate_position, _too_wide,
@@ -343,4 +334,9 @@ def test_bad_data_fails_without_output(tmp_path, corrupt):
     out = tmp_path / "out"
     with pytest.raises(Exception, match=message):
         write(records, str(out), variants={"raw": None}, aggregate=False)
-    assert not out.exists() or not any(out.rglob("*"))
+    written = [p.relative_to(out) for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    if corrupt in (_duplicate_node, _duplicate_position):
+        # Found while shards are written: other shards may be left in the run's staging
+        # directory, never in the tree.
+        written = [p for p in written if not p.parts[0].startswith(TEMP_PREFIX)]
+    assert not written

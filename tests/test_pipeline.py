@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorstore as ts
 
 from segclr_beam import pipeline, points
+from segclr_beam.job import POINTS_FILE, RUN_FILE
 from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.reader import EmbeddingReader
 from tolerance import assert_embeddings_close
@@ -37,7 +38,7 @@ def local_run(synthetic_dataset, small_model, tmp_path_factory):
 def _files(root: Path) -> dict[str, bytes]:
     """Every output file below `root` except the run record, which names its own paths."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != pipeline.RUN_FILE}
+            if p.is_file() and p.name != RUN_FILE}
 
 
 def _tfrecord_nodes(tree: Path) -> list[tuple[int, int]]:
@@ -55,7 +56,7 @@ def _tfrecord_nodes(tree: Path) -> list[tuple[int, int]]:
 
 def test_every_node_once_in_every_variant_and_format(local_run):
     out, summary = local_run
-    sample = points.read_points(str(out / pipeline.POINTS_FILE))
+    sample = points.read_points(str(out / POINTS_FILE))
     expected = sorted((p.segment_id, p.node_id) for p in sample)
     assert len(expected) > 50 and len(set(expected)) == len(expected)
     assert summary.counters["embeddings"] == len(expected)
@@ -70,7 +71,7 @@ def test_every_node_once_in_every_variant_and_format(local_run):
 
 def test_raw_embedding_is_the_model_on_its_own_cutout(local_run, synthetic_dataset, small_model):
     out, _ = local_run
-    sample = sorted(points.read_points(str(out / pipeline.POINTS_FILE)))[::7][:16]
+    sample = sorted(points.read_points(str(out / POINTS_FILE)))[::7][:16]
     em = ts.open({"driver": "neuroglancer_precomputed",
                   "kvstore": f"file://{synthetic_dataset.em}/"}).result()
     segmentation = ts.open({"driver": "neuroglancer_precomputed",
@@ -143,7 +144,7 @@ def test_bad_configuration_fails_before_any_work(change, message, synthetic_data
     config = _config(synthetic_dataset, small_model, tmp_path / "out").updated(change)
     with pytest.raises(ConfigError, match=message):
         pipeline.run(config)
-    assert not os.path.exists(tmp_path / "out" / pipeline.POINTS_FILE)
+    assert not os.path.exists(tmp_path / "out" / POINTS_FILE)
 
 
 def test_dataflow_translation_with_gpu_workers(synthetic_dataset, small_model, tmp_path):
@@ -169,7 +170,7 @@ def test_dataflow_translation_with_gpu_workers(synthetic_dataset, small_model, t
     assert images == {image}
     names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
     assert set(pipeline.STAGES) <= names
-    assert not os.path.exists(tmp_path / "out" / pipeline.POINTS_FILE)
+    assert not os.path.exists(tmp_path / "out" / POINTS_FILE)
 
 
 def test_embed_command_names_the_missing_field(capsys):

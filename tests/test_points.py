@@ -16,9 +16,10 @@ import pytest
 import tensorstore as ts
 from osteoid import Skeleton
 
-from segclr_beam.points import (Point, PointsError, ReadPoints, WritePoints, read_points,
-                                sample_nodes, shard_paths, skeletons_info, to_precomputed,
-                                write_avro)
+from segclr_beam.points import (PointsError, ReadPoints, WritePoints, read_points, sample_nodes,
+                                shard_paths, write_avro)
+from segclr_beam.precomputed import SkeletonError, skeletons_info, to_precomputed
+from segclr_beam.records import Point
 
 RESOLUTION = (32.0, 32.0, 33.0)
 
@@ -247,7 +248,7 @@ def test_skeleton_source_errors(tmp_path):
         through_beam(tmp_path, ReadPoints(str(tmp_path / "skeletons"), resolution=RESOLUTION))
     (tmp_path / "image").mkdir()
     (tmp_path / "image" / "info").write_text(json.dumps({"type": "image", "scales": []}))
-    with pytest.raises(PointsError, match="expected 'neuroglancer_skeletons'"):
+    with pytest.raises(SkeletonError, match="expected 'neuroglancer_skeletons'"):
         ReadPoints(str(tmp_path / "image"), resolution=RESOLUTION)
 
 

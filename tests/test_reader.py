@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from segclr_beam import cli
-from segclr_beam.outputs import CoordinateSystem, EmbeddingTable, shard_of, write_csv_zip
+from segclr_beam.outputs import CoordinateSystem, write_csv_zip
+from segclr_beam.records import EmbeddingTable
+from segclr_beam.shards import shard_of
 from segclr_beam.reader import EmbeddingReader
 
 NUM_SHARDS, BYTEWIDTH = 10000, 64

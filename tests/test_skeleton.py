@@ -16,7 +16,8 @@ import tensorstore as ts
 from apache_beam.options.pipeline_options import PipelineOptions
 from osteoid import Skeleton
 
-from segclr_beam.points import SkeletonSource, WritePoints, read_points, skeleton_points
+from segclr_beam.points import WritePoints, read_points, skeleton_points
+from segclr_beam.precomputed import SkeletonSource
 from segclr_beam.skeleton import (OVERLAP, Fragment, SkeletonOptions, SkeletonizeSegments,
                                   clean_skeleton, merge_fragments, plan_chunks, remove_ticks,
                                   skeletonize_chunk)
