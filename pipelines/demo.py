@@ -28,9 +28,9 @@ from segclr_beam.runner import configure_logging
 # minutes on a laptop CPU. --published-size runs the published network instead.
 DEMO_WIDTHS = (16, 32, 64, 128)
 PUBLISHED_WIDTHS = (64, 128, 256, 512)
-# Segments embedded per class, drawn at random: every soma and glia cell of the default
-# volume and a sample of its ~190 dendrites and ~840 axons, so that the picture shows all
-# classes and the job runs in minutes (all of it is ~6,000 points).
+# Segments embedded per class, drawn at random: every soma, two thirds of the glia and a
+# sample of the ~180 dendrites and ~600 axons of the default volume, so that the picture
+# shows every class and the job runs in minutes on a laptop.
 SAMPLE = {"axon": 24, "dendrite": 12, "soma": 6, "glia": 8}
 # Chunks of 128 voxels split the default volume into 18 skeletonization tasks, work for
 # every local worker; the chunk size is part of a run's configuration (it shapes skeletons).

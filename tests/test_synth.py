@@ -122,7 +122,7 @@ def test_classes_differ_in_thickness(generated):
     by_class = {c: [radius[i] for i in classes if classes[i] == c] for c in synth.CLASSES}
     assert np.median(by_class["axon"]) <= 6.5
     assert np.median(by_class["dendrite"]) >= np.median(by_class["axon"]) + 1.5
-    assert np.median(by_class["glia"]) <= 6  # sheets
+    assert np.median(by_class["glia"]) > np.median(by_class["axon"])  # a cell body
     assert min(by_class["soma"]) >= 15
 
 
