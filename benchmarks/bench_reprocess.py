@@ -1,7 +1,7 @@
 """Reprocessing a new segmentation version against a full run on the same data, in one process.
 
-Data: the synthetic dataset at its default size (384 x 384 x 256 voxels, 118 segments), or
---shape.
+Data: the synthetic dataset at its default size (384 x 384 x 256 voxels, about 800 segments),
+or --shape.
 Model: the published network's widths (64, 128, 256, 512; random weights) on 65^3 cutouts
 instead of 129^3, i.e. 8x fewer voxels per cutout: a mid-size model whose share of a full run
 is printed below (the published network on 129^3 cutouts is ~98% of a CPU run).

@@ -1,15 +1,19 @@
 """The demo: the whole job on the synthetic dataset, a summary and a picture.
 
     python -m pipelines.demo [--data demo_data] [--out demo_output] [--published-size]
+                             [Beam options, e.g. --direct_num_workers=1]
 
 Builds the synthetic dataset and a SegCLR model with random weights if they are absent, runs
-the embedding job locally, prints what it did and writes `embeddings.png`: a 2-D projection
-of the embeddings coloured by morphological class, and the sample points over an EM slice.
+the embedding job locally on a class-balanced sample of the segments, prints what it did
+(segments, voxels and points per class, and the wall time) and writes `embeddings.png`: a
+2-D projection of the embeddings coloured by morphological class, and the sample points
+over an EM slice.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -24,7 +28,13 @@ from segclr_beam.runner import configure_logging
 # minutes on a laptop CPU. --published-size runs the published network instead.
 DEMO_WIDTHS = (16, 32, 64, 128)
 PUBLISHED_WIDTHS = (64, 128, 256, 512)
-LOCAL_WORKERS = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+# Segments embedded per class, drawn at random: every soma, two thirds of the glia and a
+# sample of the ~180 dendrites and ~600 axons of the default volume, so that the picture
+# shows every class and the job runs in minutes on a laptop.
+SAMPLE = {"axon": 24, "dendrite": 12, "soma": 6, "glia": 8}
+# Chunks of 128 voxels split the default volume into 18 skeletonization tasks, work for
+# every local worker; the chunk size is part of a run's configuration (it shapes skeletons).
+CHUNK_SIZE = 128
 CLASS_COLOURS = {"axon": "tab:blue", "dendrite": "tab:green", "soma": "tab:red",
                  "glia": "tab:purple"}
 
@@ -35,6 +45,29 @@ def _dataset(path: str) -> synth.Dataset:
     except FileNotFoundError:
         print(f"writing the synthetic dataset to {path} ...", flush=True)
         return synth.write_dataset(path)
+
+
+def _sample(dataset: synth.Dataset, counts: dict[str, int], seed: int = 0) -> list[int]:
+    """Up to `counts[class]` segment ids of each class, drawn at random for `seed`."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for kind, count in counts.items():
+        ids = sorted(i for i, c in dataset.classes.items() if c == kind)
+        chosen += rng.choice(np.array(ids, dtype=np.uint64), min(count, len(ids)),
+                             replace=False).tolist()
+    return sorted(chosen)
+
+
+def _class_mix(dataset: synth.Dataset, segment_ids: list[int], sample) -> str:
+    """Segments, voxels and points per class of the embedded segments, as text."""
+    voxels = synth.segment_voxels(dataset)
+    points = collections.Counter(dataset.classes[p.segment_id] for p in sample)
+    lines = [f"  {'class':<10}{'segments':>10}{'voxels':>14}{'points':>8}"]
+    for kind in synth.CLASSES:
+        ids = [i for i in segment_ids if dataset.classes[i] == kind]
+        lines.append(f"  {kind:<10}{len(ids):>10}{sum(voxels[i] for i in ids):>14,}"
+                     f"{points[kind]:>8}")
+    return "\n".join(lines)
 
 
 def _model(path: str, widths: tuple[int, ...]) -> dict:
@@ -102,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demo_output", help="output directory")
     parser.add_argument("--published-size", action="store_true",
                         help="run the published network size (slow on a CPU)")
-    args = parser.parse_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
     configure_logging()
 
     from segclr_beam import pipeline
@@ -113,12 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     widths = PUBLISHED_WIDTHS if args.published_size else DEMO_WIDTHS
     model_dir = os.path.join(args.data, "model-" + "-".join(map(str, widths)))
     identity = _model(model_dir, widths)
-    # Chunks of 128 voxels give the two local workers several skeletonization tasks each.
+    segment_ids = _sample(dataset, SAMPLE)
     config = EmbedConfig(em=dataset.em, segmentation=dataset.segmentation, model=model_dir,
-                         output=os.path.abspath(args.out), chunk_size=128, num_shards=64,
-                         overwrite=True)
-    print("running the embedding job (Beam, local runner) ...", flush=True)
-    summary = pipeline.run(config.validate(), LOCAL_WORKERS)
+                         output=os.path.abspath(args.out), segments=tuple(segment_ids),
+                         chunk_size=CHUNK_SIZE, num_shards=64, overwrite=True)
+    print(f"running the embedding job on {len(segment_ids)} segments (Beam, local runner) ...",
+          flush=True)
+    summary = pipeline.run(config.validate(), beam_args)
     sample, embeddings = _read_outputs(config.output)
     picture = os.path.join(config.output, "embeddings.png")
     _picture(picture, dataset, sample, embeddings)
@@ -130,13 +164,15 @@ def main(argv: list[str] | None = None) -> None:
           f"not learned morphology")
     print(f"segments embedded: {len({p.segment_id for p in sample})}, points: {len(sample)}, "
           f"cutouts: {counters.get('cutouts_emitted', 0)}, embeddings: {counters.get('embeddings', 0)}")
+    print(_class_mix(dataset, segment_ids, sample))
     print("seconds per stage (CPU time in Beam steps):")
     for stage, seconds in summary.seconds.items():
         print(f"  {stage:12s} {seconds:8.1f}")
-    print(f"job wall time {summary.wall_seconds:.0f} s; demo total {time.monotonic() - start:.0f} s")
     for name, path in summary.outputs.items():
         print(f"output {name:8s} {path}")
     print(f"picture        {picture}")
+    print(f"job wall time {summary.wall_seconds:.0f} s; demo wall time "
+          f"{time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":

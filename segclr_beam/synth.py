@@ -1,14 +1,18 @@
 """A synthetic EM volume and its dense segmentation, for the demo, the tests and the benchmarks.
 
 The labels imitate a segmentation of cortical neuropil at 32 x 32 x 33 nm: thin axons with
-boutons, thicker spiny dendrites that branch, somata with their dendrites and axon, and glia
-filling much of the remaining space, each segment one 6-connected component with a random
-64-bit id. The EM is drawn from the labels (dark membranes, textured cytoplasm, dark
-organelles, noise), so a model sees the same kind of signal it sees in real data. Everything
-is deterministic for a seed, and written as neuroglancer precomputed volumes with TensorStore.
+boutons, thicker spiny dendrites that branch, somata (often cut by the volume's faces) with
+their dendrites and axon, and glia with a small body and winding, varicose processes. The
+cells are then grown into the space left until they press against each other, as in fixed
+neuropil, so the volume fractions are near cortex's: axons about 40%, dendrites about 35%,
+glia 10-15%, somata and extracellular space the rest. At the default size that is about
+600-950 axons, 170-190 dendrites, 6 somata and 12 glia. Each segment is one 6-connected
+component with a random 64-bit id, and every voxel also carries a compartment label (axon,
+dendrite shaft, spine, soma, glia; the `compartments` volume) for training classifiers.
 
-At the default size there are about 80 axons, 20 dendrites, 2 somata and 16 glia; neurons
-are most of the segments, glia most of the voxels (about nine in ten foreground voxels).
+The EM is drawn from the labels (dark membranes, textured cytoplasm, dark organelles,
+noise), so a model sees the same kind of signal it sees in real data. Everything is
+deterministic for a seed, and written as neuroglancer precomputed volumes with TensorStore.
 """
 
 from __future__ import annotations
@@ -25,32 +29,55 @@ from typing import Sequence
 import cc3d
 import numpy as np
 import scipy.ndimage as ndi
-from scipy.special import ndtri
 import tensorstore as ts
 
 DEFAULT_SHAPE = (384, 384, 256)
 RESOLUTION = (32.0, 32.0, 33.0)
 CLASSES = ("axon", "dendrite", "soma", "glia")
+# Per-voxel compartments: code i + 1 is COMPARTMENTS[i]; 0 is extracellular space.
+COMPARTMENTS = ("axon", "shaft", "spine", "soma", "glia")
+AXON, SHAFT, SPINE, SOMA, GLIA = range(1, len(COMPARTMENTS) + 1)
+# The compartments a segment of each class may hold.
+CLASS_COMPARTMENTS = {"axon": {AXON}, "dendrite": {SHAFT, SPINE},
+                      "soma": {SOMA, SHAFT, SPINE, AXON}, "glia": {GLIA}}
 CHUNK_SIZE = (64, 64, 64)
 MIN_SHAPE = 64
 # Pieces smaller than this are dropped: too small to skeletonize or embed meaningfully.
 MIN_SEGMENT_VOXELS = 1000
 CLASSES_FILE = "classes.json"
+VOLUMES = ("em", "segmentation", "compartments")
 EM_ENCODINGS = ("jpeg", "raw")
 
 # Distance in voxels between the centres of the balls that paint a tube.
 _SPACING = 0.5
 # Independent random streams, so that e.g. a change in the EM model leaves the labels alone.
 _GEOMETRY, _IDS, _EM = 1, 2, 3
+# Fractions of the volume painted as neurite tubes before they grow into the space left
+# (see _grow); tuned so that axons and dendrites keep distinct widths once grown.
+_TUBE_FRACTION = {"dendrite": 0.13, "axon": 0.12}
+# The shares of the volume the neurites grow to (a soma's share includes its neurites), the
+# extracellular space left when they stop, and how many layers they grow at most (spines: 1).
+_SHARES = {"axon": 0.38, "dendrite": 0.34, "soma": 0.09, "glia": 0.13}
+_SPACE, _MAX_GROWTH, _SPINE_GROWTH = 0.06, 24, 1
+# Radii (voxels) the neurites and somata are drawn with before they grow.
+_AXON_RADIUS, _DENDRITE_RADIUS, _SOMA_RADIUS = (2.0, 3.0), (5.0, 7.0), (45.0, 70.0)
+_GLIA_RADIUS, _GLIA_PROCESS_RADIUS = (16.0, 22.0), (5.0, 8.0)
+# Segments per class and per default volume; smaller volumes get proportionally fewer.
+_SOMATA, _GLIA = 6, 12
+# A class stops receiving segments after this many attempts in a row that got nowhere.
+_MAX_FAILURES = 20
+# Places tried for a new neurite to start before it starts from a blocked one (and fails).
+_START_TRIES = 20
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A synthetic dataset on disk: EM and segmentation volumes plus the class of each segment."""
+    """A synthetic dataset on disk: EM, segmentation and compartment volumes, segment classes."""
 
     root: str
     em: str
     segmentation: str
+    compartments: str
     classes: dict[int, str]
     shape: tuple[int, int, int]
     seed: int
@@ -74,13 +101,17 @@ def _quantize(radius: np.ndarray) -> np.ndarray:
 
 
 class _Canvas:
-    """The label volume under construction: small local labels (0 = free) and their classes."""
+    """The volume under construction: small local labels (0 = free), their classes, the
+    compartment of every voxel and the voxels painted per class so far."""
 
     def __init__(self, shape: tuple[int, int, int]):
         self.shape = np.array(shape)
         self.labels = np.zeros(shape, dtype=np.uint32)
+        self.compartments = np.zeros(shape, dtype=np.uint8)
         self.strides = np.array([shape[1] * shape[2], shape[2], 1])
         self.kinds = [""]
+        self.voxels = dict.fromkeys(CLASSES, 0)
+        self._ball_offsets: dict[float, np.ndarray] = {}
 
     def new_segment(self, kind: str) -> int:
         self.kinds.append(kind)
@@ -91,18 +122,24 @@ class _Canvas:
         length = np.linalg.norm(np.diff(path, axis=0), axis=1).sum()
         return length >= min(80.0, self.shape.min() / 2)
 
+    def _offsets(self, radius: float) -> np.ndarray:
+        """Flat index offsets of the voxels of a ball of `radius`."""
+        if radius not in self._ball_offsets:
+            self._ball_offsets[radius] = _ball(radius) @ self.strides
+        return self._ball_offsets[radius]
+
     def _balls(self, centers: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray | None]:
         """Flat voxel indices (n, m) of balls at `centers` (n, 3), and which lie in the volume.
 
         The mask is None when every ball lies inside, the common case, which skips the
         per-voxel bounds check.
         """
-        ball = _ball(float(radius))
+        radius = float(_quantize(radius))
         at = np.rint(centers).astype(np.int64)
         reach = int(np.ceil(radius))
         if ((at >= reach) & (at < self.shape - reach)).all():
-            return (at @ self.strides)[:, None] + ball @ self.strides, None
-        voxels = at[:, None, :] + ball
+            return (at @ self.strides)[:, None] + self._offsets(radius), None
+        voxels = at[:, None, :] + _ball(radius)
         inside = ((voxels >= 0) & (voxels < self.shape)).all(-1)
         return np.where(inside, voxels @ self.strides, 0), inside
 
@@ -113,14 +150,25 @@ class _Canvas:
         hit = (found != 0) & (found != own)
         return (hit if inside is None else hit & inside).any(-1)
 
-    def paint_tube(self, centers: np.ndarray, radii: np.ndarray, label: int) -> None:
+    def paint(self, flat: np.ndarray, label: int, compartment: int) -> None:
+        """Give the free voxels among flat indices `flat` to segment `label`."""
+        labels = self.labels.reshape(-1)
+        free = flat[labels[flat] == 0]
+        # Count each voxel once without sorting: number the entries, and an entry counts
+        # if its number is the one its voxel kept (the last written).
+        labels[free] = np.arange(1, len(free) + 1, dtype=labels.dtype)
+        self.voxels[self.kinds[label]] += int(np.count_nonzero(
+            labels[free] == np.arange(1, len(free) + 1, dtype=labels.dtype)))
+        labels[free] = label
+        self.compartments.reshape(-1)[free] = compartment
+
+    def paint_tube(self, centers: np.ndarray, radii: np.ndarray, label: int,
+                   compartment: int) -> None:
         """Paint balls of `radii` at `centers` into free voxels; other segments stay untouched."""
         radii = _quantize(radii)
-        labels = self.labels.reshape(-1)
         for radius in np.unique(radii):
             flat, inside = self._balls(centers[radii == radius], radius)
-            flat = flat.reshape(-1) if inside is None else flat[inside]
-            labels[flat[labels[flat] == 0]] = label
+            self.paint(flat.reshape(-1) if inside is None else flat[inside], label, compartment)
 
 
 def _densify(points: np.ndarray) -> np.ndarray:
@@ -177,17 +225,20 @@ def _entry(rng: np.random.Generator, shape: np.ndarray) -> tuple[np.ndarray, np.
 
 def _add_axon(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.ndarray,
               heading: np.ndarray, radius: float) -> bool:
-    """A thin tube with bouton-like swellings every ~40 voxels; False if it got nowhere."""
+    """A thin tube with bouton-like swellings every ~40 voxels, walked from `start` both
+    ways (so it may start inside the volume); False if it got nowhere."""
     bouton = 1.5
-    path = _walk(canvas, rng, label, start, heading, clearance=radius + bouton + 1, step=2.0,
-                 max_length=4 * canvas.shape.max(), persistence=300)
+    walk = dict(clearance=radius + 1, step=3.0, max_length=2 * canvas.shape.max(),
+                persistence=300)
+    back = _walk(canvas, rng, label, start, -heading, **walk)
+    path = np.concatenate([back[::-1], _walk(canvas, rng, label, start, heading, **walk)[1:]])
     if not canvas.long_enough(path):
         return False
     centers = _densify(path)
     s = np.arange(len(centers)) * _SPACING
     boutons = rng.uniform(0, s[-1], size=int(s[-1] / 40))
     swell = np.exp(-((s[:, None] - boutons[None]) / 2.5) ** 2).sum(1)
-    canvas.paint_tube(centers, radius + bouton * np.minimum(swell, 1), label)
+    canvas.paint_tube(centers, radius + bouton * np.minimum(swell, 1), label, AXON)
     return True
 
 
@@ -210,8 +261,8 @@ def _add_spines(canvas: _Canvas, rng: np.random.Generator, label: int, centers: 
         if (canvas.blocked(neck, neck_radius + 1, label).any()
                 or canvas.blocked(head[None], head_radius + 1, label)[0]):
             continue
-        canvas.paint_tube(neck, np.full(len(neck), neck_radius), label)
-        canvas.paint_tube(head[None], np.array([head_radius]), label)
+        canvas.paint_tube(neck, np.full(len(neck), neck_radius), label, SPINE)
+        canvas.paint_tube(head[None], np.array([head_radius]), label, SPINE)
 
 
 def _add_dendrite(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.ndarray,
@@ -222,8 +273,8 @@ def _add_dendrite(canvas: _Canvas, rng: np.random.Generator, label: int, start: 
     if not canvas.long_enough(path):
         return False
     centers = _densify(path)
-    radii = np.maximum(radius - 0.004 * np.arange(len(centers)) * _SPACING, 4.0)
-    canvas.paint_tube(centers, radii, label)
+    radii = np.maximum(radius - 0.003 * np.arange(len(centers)) * _SPACING, 4.0)
+    canvas.paint_tube(centers, radii, label, SHAFT)
     if branches and len(centers) > 120 and rng.random() < 0.6:
         at = rng.integers(len(centers) // 4, len(centers) // 2)
         tangent = _unit(centers[at + 1] - centers[at - 1])
@@ -240,100 +291,145 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def _add_soma(canvas: _Canvas, rng: np.random.Generator, label: int, center: np.ndarray,
-              radius: float) -> None:
-    """A randomly oriented ellipsoid with 3-5 spiny dendrites and one axon leaving it."""
+def _paint_ellipsoid(canvas: _Canvas, rng: np.random.Generator, label: int, center: np.ndarray,
+                     radius: float, compartment: int) -> np.ndarray:
+    """Paint a randomly oriented ellipsoid of largest semi-axis `radius`; returns its
+    quadratic form (x^T form x <= 1 inside)."""
     axes = radius * np.array([1.0, rng.uniform(0.75, 1.0), rng.uniform(0.6, 0.85)])
     rotation = _random_rotation(rng)
-    form = rotation @ np.diag(1 / axes ** 2) @ rotation.T  # x^T form x <= 1 inside
-    lo = np.maximum(np.floor(center - radius).astype(int), 0)
-    hi = np.minimum(np.ceil(center + radius).astype(int) + 1, canvas.shape)
+    form = rotation @ np.diag(1 / axes ** 2) @ rotation.T
+    lo = np.clip(np.floor(center - radius).astype(int), 0, canvas.shape)
+    hi = np.clip(np.ceil(center + radius).astype(int) + 1, 0, canvas.shape)
     grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
     offset = grid - center
     inside = np.einsum("...i,ij,...j->...", offset, form, offset) <= 1
-    box = canvas.labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    box[inside & (box == 0)] = label
+    canvas.paint((grid[inside] @ canvas.strides).astype(np.int64), label, compartment)
+    return form
 
+
+def _add_soma(canvas: _Canvas, rng: np.random.Generator, label: int, center: np.ndarray,
+              radius: float) -> None:
+    """A randomly oriented ellipsoid with 2-4 spiny dendrites and one axon leaving it."""
+    form = _paint_ellipsoid(canvas, rng, label, center, radius, SOMA)
     directions: list[np.ndarray] = []
-    count = rng.integers(3, 6) + 1
+    count = rng.integers(2, 5) + 1
     while len(directions) < count:
         u = _unit(rng.standard_normal(3))
         if all(u @ v < 0.5 for v in directions):
             directions.append(u)
     for i, u in enumerate(directions):
-        surface = 1 / np.sqrt(u @ form @ u)
-        start = center + u * (surface - 2)
+        start = center + u * (1 / np.sqrt(u @ form @ u) - 2)
+        if ((start < 0) | (start > canvas.shape - 1)).any():
+            continue  # this side of the soma lies outside the volume
         if i == 0:
             _add_axon(canvas, rng, label, start, u, radius=rng.uniform(1.5, 2.0))
         else:
             _add_dendrite(canvas, rng, label, start, u, radius=rng.uniform(6.0, 7.5))
 
 
-def _place_somata(canvas: _Canvas, rng: np.random.Generator, count: int) -> None:
-    """Somata inside the volume, apart from each other, each with its neurites."""
+def _inside(rng: np.random.Generator, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A random point inside the volume and a random heading."""
+    return rng.uniform(0, shape - 1), _unit(rng.standard_normal(3))
+
+
+def _add_neurites(canvas: _Canvas, rng: np.random.Generator) -> None:
+    """Dendrites entering through the faces, then axons passing through free places anywhere,
+    until each class has its share of tubes or finds no more room."""
+    total = int(np.prod(canvas.shape))
+    for kind, add, radii, where in (("dendrite", _add_dendrite, _DENDRITE_RADIUS, _entry),
+                                    ("axon", _add_axon, _AXON_RADIUS, _inside)):
+        failures = 0
+        while canvas.voxels[kind] < _TUBE_FRACTION[kind] * total and failures < _MAX_FAILURES:
+            label = canvas.new_segment(kind)
+            radius = rng.uniform(*radii)
+            for _ in range(_START_TRIES):
+                start, heading = where(rng, canvas.shape)
+                if not canvas.blocked(start[None], radius + 1, label)[0]:
+                    break
+            made = add(canvas, rng, label, start, heading, radius=radius)
+            failures = 0 if made else failures + 1
+
+
+def _add_glia(canvas: _Canvas, rng: np.random.Generator, label: int, center: np.ndarray,
+              radius: float) -> None:
+    """A small irregular cell body with 5-8 winding, varicose processes that branch off it,
+    as astrocytes and microglia look in neuropil: compact, so its skeleton stays small."""
+    _paint_ellipsoid(canvas, rng, label, center, radius, GLIA)
+    for _ in range(rng.integers(5, 9)):
+        width = rng.uniform(*_GLIA_PROCESS_RADIUS)
+        path = _walk(canvas, rng, label, center, _unit(rng.standard_normal(3)),
+                     clearance=width + 1, step=3.0, max_length=1.5 * canvas.shape.max(),
+                     persistence=60)
+        if len(path) < 2:
+            continue
+        centers = _densify(path)
+        s = np.arange(len(centers)) * _SPACING
+        phase = rng.uniform(0, 2 * np.pi)
+        radii = width * (1 + 0.35 * np.sin(s / rng.uniform(6, 12) + phase))
+        canvas.paint_tube(centers, np.maximum(radii, 1.5), label, GLIA)
+
+
+def _place_cells(canvas: _Canvas, rng: np.random.Generator, count: int, kind: str,
+                 radii: tuple[float, float], add) -> None:
+    """`count` cells of `kind` apart from each other and from what is there, each drawn by
+    `add`; a cell whose centre lies near a face of the volume is cut by it, as in any EM
+    volume smaller than a few cell bodies."""
     placed: list[tuple[np.ndarray, float]] = []
     for _ in range(50 * count):
         if len(placed) == count:
             break
-        radius = min(rng.uniform(25, 40), 0.3 * canvas.shape.min())
-        center = rng.uniform(radius + 2, canvas.shape - radius - 3)
-        if all(np.linalg.norm(center - c) > radius + r + 4 for c, r in placed):
+        radius = min(rng.uniform(*radii), 0.3 * canvas.shape.min())
+        center = rng.uniform(0.2 * radius, canvas.shape - 0.2 * radius)
+        if (all(np.linalg.norm(center - c) > radius + r + 4 for c, r in placed)
+                and not canvas.blocked(center[None], radius + 2, -1)[0]):
             placed.append((center, radius))
     for center, radius in placed:
-        _add_soma(canvas, rng, canvas.new_segment("soma"), center, radius)
+        add(canvas, rng, canvas.new_segment(kind), center, radius)
 
 
-def _upsample2(field: np.ndarray) -> np.ndarray:
-    """Linear interpolation onto a grid twice as fine: n samples along an axis become 2n - 1."""
-    for axis in range(3):
-        field = np.moveaxis(field, axis, 0)
-        fine = np.empty((2 * len(field) - 1,) + field.shape[1:], dtype=field.dtype)
-        fine[0::2] = field
-        fine[1::2] = (field[:-1] + field[1:]) * np.float32(0.5)
-        field = np.moveaxis(fine, 0, axis)
-    return field
+def _grow(canvas: _Canvas, shares: dict[str, float], space: float) -> None:
+    """Neurites grow into the free voxels around them, a 6-neighbour layer at a time, so that
+    cells press against each other as in fixed neuropil.
 
-
-def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
-    """Noise smoothed over about `sigma` voxels, float32 with zero mean and unit variance.
-
-    It is smoothed on a grid 2**k times coarser (2**k <= sigma) and interpolated up linearly,
-    which costs a small fraction of smoothing at full size.
+    A class grows while it holds less than its share of the volume (every class, once those
+    short of it find no more room), and the growth stops when only `space` of the volume is
+    left free (extracellular space). Spines grow only _SPINE_GROWTH layers, so they stay
+    slender. A voxel reached by several segments in one layer goes to the highest label: a
+    fixed rule, so the result is deterministic.
     """
-    levels = max(0, int(np.log2(sigma)))
-    coarse = tuple(-(-int(n) // 2 ** levels) + 1 for n in shape)
-    field = ndi.gaussian_filter(rng.random(coarse, dtype=np.float32), sigma / 2 ** levels)
-    field = (field - field.mean()) / field.std()
-    for _ in range(levels):
-        field = _upsample2(field)
-    return np.ascontiguousarray(field[:shape[0], :shape[1], :shape[2]])
-
-
-def _add_glia(canvas: _Canvas, rng: np.random.Generator, count: int, fill: float = 0.9) -> None:
-    """Irregular glia filling most of the free space, one territory per glia cell.
-
-    Territories are Voronoi cells of random seeds in smoothly warped coordinates (so borders
-    between glia are curved), computed at half resolution. Inside its territory a glia cell
-    takes the free voxels where a smooth noise field is high, about `fill` of them; the rest
-    is extracellular space, in pockets.
-    """
-    shape = canvas.shape
-    half = tuple((shape + 1) // 2)
-    grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in half], indexing="ij", sparse=True)
-    warped = np.stack(np.broadcast_arrays(
-        *[g + 16 * _smooth_noise(rng, half, 16) for g in grid]), -1)
-    seeds = rng.uniform(0, half, size=(count, 3)).astype(np.float32)
-    # Nearest seed: |w - s|^2 = |w|^2 - 2 w.s + |s|^2, and |w|^2 is the same for every seed.
-    # Written out per axis rather than as a matrix product, to stay bit-exact across machines.
-    weights, offsets = -2 * seeds, (seeds ** 2).sum(1)
-    territory = np.stack([
-        np.argmin(sum(slab[..., i, None] * weights[:, i] for i in range(3)) + offsets, axis=-1)
-        for slab in warped]).astype(np.uint16)
-    territory = territory.repeat(2, 0).repeat(2, 1).repeat(2, 2)[:shape[0], :shape[1], :shape[2]]
-
-    occupied = _smooth_noise(rng, shape, 4) > ndtri(1 - fill)
-    glia = np.array([canvas.new_segment("glia") for _ in range(count)], dtype=canvas.labels.dtype)
-    canvas.labels = np.where((canvas.labels == 0) & occupied, glia[territory], canvas.labels)
+    total = canvas.labels.size
+    kind_of = np.array([CLASSES.index(k) if k else 0 for k in canvas.kinds])
+    code = canvas.labels * np.uint32(8) + canvas.compartments  # compartments < 8
+    free = canvas.labels == 0
+    gained = np.zeros(0, dtype=code.dtype)
+    for layer in range(_MAX_GROWTH):
+        if free.sum() <= space * total:
+            break
+        growing = [CLASSES.index(k) for k, share in shares.items()
+                   if canvas.voxels[k] < share * total]
+        if not growing or (layer and len(gained) < 0.001 * total):
+            growing = list(range(len(CLASSES)))  # the classes short of their share are stuck
+        by_compartment = np.zeros(8, dtype=bool)
+        by_compartment[[AXON, SHAFT, SOMA, GLIA]] = True
+        by_compartment[SPINE] = layer < _SPINE_GROWTH
+        by_label = np.isin(kind_of, growing)
+        labels = code // np.uint32(8)
+        source = np.where(by_compartment[code % 8] & by_label[labels], code, np.uint32(0))
+        reach = np.zeros_like(code)
+        for axis in range(3):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+            np.maximum(reach[tuple(lo)], source[tuple(hi)], out=reach[tuple(lo)])
+            np.maximum(reach[tuple(hi)], source[tuple(lo)], out=reach[tuple(hi)])
+        taken = free & (reach != 0)
+        gained = reach[taken]
+        code[taken] = gained
+        free &= ~taken
+        for k, n in zip(CLASSES, np.bincount(kind_of[gained // 8], minlength=len(CLASSES))):
+            canvas.voxels[k] += int(n)
+    canvas.labels = code // np.uint32(8)
+    canvas.compartments = (code % 8).astype(np.uint8)
 
 
 def _keep_largest_pieces(labels: np.ndarray, min_voxels: int
@@ -356,13 +452,6 @@ def _keep_largest_pieces(labels: np.ndarray, min_voxels: int
     return pieces, np.where(keep, owner, 0), sizes
 
 
-def _counts(shape: Sequence[int]) -> dict[str, int]:
-    """How many segments of each class to start from: the default mix scaled to the volume."""
-    scale = np.prod(shape) / np.prod(DEFAULT_SHAPE)
-    return {"soma": max(1, round(2 * scale)), "dendrite": max(3, round(20 * scale)),
-            "axon": max(8, round(80 * scale)), "glia": max(4, round(16 * scale))}
-
-
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     try:
         shape = tuple(int(v) for v in shape)
@@ -377,32 +466,30 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
 def make_labels(shape: Sequence[int], seed: int) -> tuple[np.ndarray, dict[int, str]]:
     """A dense segmentation, uint64 [x, y, z], and the class of each segment id.
 
-    Neurons come first, largest first (somata with their neurites, dendrites, axons), each
-    steering around what is already there; glia then fill most of the rest. Each segment is
-    cut down to its largest 6-connected piece and gets a random nonzero 64-bit id.
+    Cells come largest first (somata with their neurites, glia, dendrites, axons), each
+    steering around what is already there, and then grow into the space left. Each segment
+    is cut down to its largest 6-connected piece and gets a random nonzero 64-bit id.
     """
-    labels, classes, _ = _generate(shape, seed)
+    labels, classes, _, _ = _generate(shape, seed)
     return labels, classes
 
 
+def make_compartments(shape: Sequence[int], seed: int) -> np.ndarray:
+    """The compartment code (COMPARTMENTS) of every voxel of `make_labels`, uint8 [x, y, z]."""
+    return _generate(shape, seed)[3]
+
+
 def _generate(shape: Sequence[int], seed: int
-              ) -> tuple[np.ndarray, dict[int, str], dict[int, int]]:
-    """`make_labels`, plus the voxel count of each segment."""
+              ) -> tuple[np.ndarray, dict[int, str], dict[int, int], np.ndarray]:
+    """`make_labels`, the voxel count of each segment and the compartments."""
     shape = _check_shape(shape)
     rng = np.random.default_rng((seed, _GEOMETRY))
     canvas = _Canvas(shape)
-    counts = _counts(shape)
-    _place_somata(canvas, rng, counts["soma"])
-    for kind, add in (("dendrite", _add_dendrite), ("axon", _add_axon)):
-        made = attempts = 0
-        while made < counts[kind] and attempts < 4 * counts[kind]:
-            attempts += 1
-            label = canvas.new_segment(kind)
-            start, heading = _entry(rng, canvas.shape)
-            radius = rng.uniform(5.0, 7.0) if kind == "dendrite" else rng.uniform(2.0, 3.0)
-            if not canvas.blocked(start[None], radius + 1, label)[0]:
-                made += add(canvas, rng, label, start, heading, radius=radius)
-    _add_glia(canvas, rng, counts["glia"])
+    scale = np.prod(shape) / np.prod(DEFAULT_SHAPE)
+    _place_cells(canvas, rng, max(1, round(_SOMATA * scale)), "soma", _SOMA_RADIUS, _add_soma)
+    _place_cells(canvas, rng, max(1, round(_GLIA * scale)), "glia", _GLIA_RADIUS, _add_glia)
+    _add_neurites(canvas, rng)
+    _grow(canvas, _SHARES, _SPACE)
 
     pieces, owner, sizes = _keep_largest_pieces(canvas.labels, MIN_SEGMENT_VOXELS)
     kept = np.flatnonzero(owner)
@@ -411,7 +498,9 @@ def _generate(shape: Sequence[int], seed: int
     id_of_piece[kept] = ids
     classes = {int(i): canvas.kinds[owner[p]] for i, p in zip(ids, kept)}
     voxels = {int(i): int(sizes[p]) for i, p in zip(ids, kept)}
-    return id_of_piece[pieces], classes, voxels
+    labels = id_of_piece[pieces]
+    compartments = np.where(labels != 0, canvas.compartments, np.uint8(0))
+    return labels, classes, voxels, compartments
 
 
 def _random_ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -493,7 +582,7 @@ def _replaceable(out: Path) -> bool:
         return True
     if not out.is_dir():
         return False
-    return {p.name for p in out.iterdir()} <= {"em", "segmentation", CLASSES_FILE}
+    return {p.name for p in out.iterdir()} <= {*VOLUMES, CLASSES_FILE}
 
 
 def write_dataset(out_dir: str | os.PathLike, shape: Sequence[int] | None = None, seed: int = 0,
@@ -515,7 +604,7 @@ def write_dataset(out_dir: str | os.PathLike, shape: Sequence[int] | None = None
     if not _replaceable(out):
         raise FileExistsError(f"{out} exists and is not a synthetic dataset directory; "
                               "choose another output directory")
-    labels, classes, voxels = _generate(shape, seed)
+    labels, classes, voxels, compartments = _generate(shape, seed)
     em = make_em(labels, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -523,12 +612,15 @@ def write_dataset(out_dir: str | os.PathLike, shape: Sequence[int] | None = None
     try:
         writes = [_write_volume(tmp / "em", em, "image", em_encoding),
                   _write_volume(tmp / "segmentation", labels, "segmentation",
-                                "compressed_segmentation")]
+                                "compressed_segmentation"),
+                  _write_volume(tmp / "compartments", compartments, "segmentation", "raw")]
         for write in writes:
             write.result()
         meta = {"shape": list(shape), "seed": int(seed), "resolution": list(RESOLUTION),
                 "classes": {str(i): c for i, c in sorted(classes.items())},
-                "voxels": {str(i): voxels[i] for i in sorted(classes)}}
+                "voxels": {str(i): voxels[i] for i in sorted(classes)},
+                "compartments": {str(code): name
+                                 for code, name in enumerate(COMPARTMENTS, start=1)}}
         (tmp / CLASSES_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
         if out.exists():
@@ -551,27 +643,34 @@ def load_dataset(out_dir: str | os.PathLike) -> Dataset:
     try:
         meta = json.loads(path.read_text())
         return Dataset(root=str(root), em=str(root / "em"), segmentation=str(root / "segmentation"),
+                       compartments=str(root / "compartments"),
                        classes={int(k): v for k, v in meta["classes"].items()},
                        shape=tuple(int(n) for n in meta["shape"]), seed=int(meta["seed"]))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a synthetic dataset description: {e!r}") from None
 
 
-def summarize(dataset: Dataset) -> str:
-    """Segments and voxels per class, foreground fraction and bytes on disk, as text."""
+def segment_voxels(dataset: Dataset) -> dict[int, int]:
+    """The voxel count of each segment, as recorded in classes.json."""
     meta = json.loads((Path(dataset.root) / CLASSES_FILE).read_text())
-    voxels = {int(k): v for k, v in meta["voxels"].items()}
+    return {int(k): v for k, v in meta["voxels"].items()}
+
+
+def summarize(dataset: Dataset) -> str:
+    """Segments, voxels and volume fraction per class, and bytes on disk, as text."""
+    voxels = segment_voxels(dataset)
     total = int(np.prod(dataset.shape))
     lines = [f"synthetic dataset {dataset.root}",
              f"  {' x '.join(map(str, dataset.shape))} voxels at "
              f"{' x '.join(f'{r:g}' for r in RESOLUTION)} nm, seed {dataset.seed}",
-             f"  {'class':<10}{'segments':>10}{'voxels':>14}"]
+             f"  {'class':<10}{'segments':>10}{'voxels':>14}{'fraction':>10}"]
     for kind in CLASSES:
         members = [i for i, c in dataset.classes.items() if c == kind]
-        lines.append(f"  {kind:<10}{len(members):>10}{sum(voxels[i] for i in members):>14,}")
+        count = sum(voxels[i] for i in members)
+        lines.append(f"  {kind:<10}{len(members):>10}{count:>14,}{count / total:>10.3f}")
     foreground = sum(voxels.values()) / total
     lines.append(f"  foreground fraction {foreground:.3f}")
-    for name in ("em", "segmentation"):
+    for name in VOLUMES:
         path = Path(getattr(dataset, name))
         info = json.loads((path / "info").read_text())
         lines.append(f"  {name}: {_bytes_on_disk(path):,} bytes on disk "

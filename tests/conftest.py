@@ -92,6 +92,18 @@ def gcs() -> FakeGcs:
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_local_worker():
+    """Jobs in tests run in-process: each local worker process would cost seconds of start-up
+    (TensorFlow, the model) per job. tests/test_runner.py runs worker processes."""
+    from segclr_beam import runner
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(runner, "available_cores", lambda: 1)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory):
     """A small synthetic dataset (192 x 192 x 128 voxels, seed 0, jpeg EM), written once."""

@@ -11,16 +11,73 @@ import pytest
 import scipy.ndimage as ndi
 
 from segclr_beam import cli, synth
-from segclr_beam.volume import open_volumes
+from segclr_beam.volume import open_volume, open_volumes
 
 SHAPE = (160, 160, 96)
 SEED = 3
+
+
+# Neuropil in cortex: axons 35-45% of the volume, dendrites 30-40%, glia 10-15%.
+FRACTIONS = {"axon": (0.35, 0.45), "dendrite": (0.30, 0.40), "glia": (0.10, 0.15)}
 
 
 @pytest.fixture(scope="module")
 def generated() -> tuple[np.ndarray, dict[int, str], np.ndarray]:
     labels, classes = synth.make_labels(SHAPE, SEED)
     return labels, classes, synth.make_em(labels, SEED)
+
+
+@pytest.fixture(scope="module", params=[0, 1])
+def default_size(request) -> tuple[np.ndarray, dict[int, str], np.ndarray]:
+    """The default volume for two seeds: labels, classes, compartments."""
+    labels, classes, _, compartments = synth._generate(synth.DEFAULT_SHAPE, request.param)
+    return labels, classes, compartments
+
+
+def _fractions(labels: np.ndarray, classes: dict[int, str]) -> dict[str, float]:
+    ids, counts = np.unique(labels, return_counts=True)
+    fractions = dict.fromkeys(synth.CLASSES, 0.0)
+    for i, n in zip(ids.tolist(), counts.tolist()):
+        if i:
+            fractions[classes[i]] += n / labels.size
+    return fractions
+
+
+def test_default_volume_is_neuropil_like(default_size):
+    labels, classes, _ = default_size
+    fractions = _fractions(labels, classes)
+    for kind, (low, high) in FRACTIONS.items():
+        assert low <= fractions[kind] <= high, (kind, fractions)
+    rest = 1 - sum(fractions[k] for k in FRACTIONS)  # somata and extracellular space
+    assert 0.05 <= rest <= 0.25 and 0.03 <= (labels == 0).mean() <= 0.1, fractions
+    kinds = list(classes.values())
+    assert kinds.count("soma") >= 5 and kinds.count("glia") >= 5
+    assert kinds.count("dendrite") >= 20 and kinds.count("axon") >= 100
+
+
+def test_default_volume_segments_are_6_connected(default_size):
+    labels, classes, _ = default_size
+    pieces, n = cc3d.connected_components(labels, connectivity=6, return_N=True)
+    assert n == len(classes)
+    assert np.bincount(pieces.ravel())[1:].min() >= synth.MIN_SEGMENT_VOXELS
+
+
+def test_compartments_agree_with_segment_classes(default_size):
+    labels, classes, compartments = default_size
+    assert compartments.dtype == np.uint8 and compartments.shape == labels.shape
+    np.testing.assert_array_equal(compartments == 0, labels == 0)
+    pairs = np.unique(np.stack([labels[labels != 0], compartments[labels != 0]]), axis=1)
+    held: dict[int, set[int]] = {}
+    for segment_id, code in pairs.T.tolist():
+        held.setdefault(segment_id, set()).add(code)
+    for segment_id, codes in held.items():
+        assert codes <= synth.CLASS_COMPARTMENTS[classes[segment_id]], (classes[segment_id], codes)
+    by_class = {kind: set().union(*(held[i] for i in held if classes[i] == kind))
+                for kind in synth.CLASSES}
+    assert by_class["dendrite"] == {synth.SHAFT, synth.SPINE}
+    assert {synth.SOMA, synth.SHAFT} <= by_class["soma"]
+    counts = np.bincount(compartments.ravel(), minlength=len(synth.COMPARTMENTS) + 1)
+    assert 0.01 < counts[synth.SPINE] / counts[[synth.SHAFT, synth.SPINE]].sum() < 0.3
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +120,9 @@ def test_classes_differ_in_thickness(generated):
     ids = np.array(sorted(classes), dtype=np.uint64)
     radius = dict(zip(ids.tolist(), ndi.maximum(depth, labels, ids)))
     by_class = {c: [radius[i] for i in classes if classes[i] == c] for c in synth.CLASSES}
-    assert np.median(by_class["axon"]) <= 4
-    assert 4 <= np.median(by_class["dendrite"]) <= 8
+    assert np.median(by_class["axon"]) <= 6.5
+    assert np.median(by_class["dendrite"]) >= np.median(by_class["axon"]) + 1.5
+    assert np.median(by_class["glia"]) > np.median(by_class["axon"])  # a cell body
     assert min(by_class["soma"]) >= 15
 
 
@@ -83,6 +141,8 @@ def test_deterministic_for_a_seed(generated):
     np.testing.assert_array_equal(labels, again)
     assert classes == again_classes
     np.testing.assert_array_equal(em, synth.make_em(again, SEED))
+    np.testing.assert_array_equal(synth.make_compartments(SHAPE, SEED),
+                                  synth.make_compartments(SHAPE, SEED))
     other, _ = synth.make_labels(SHAPE, SEED + 1)
     assert not np.array_equal(labels != 0, other != 0)
 
@@ -93,6 +153,9 @@ def test_round_trip_through_volume_reader(generated, written):
     em_volume, segmentation = open_volumes(written.em, written.segmentation)
     assert segmentation.bounds.shape == SHAPE and em_volume.bounds.shape == SHAPE
     np.testing.assert_array_equal(segmentation.read(segmentation.bounds), labels)
+    compartments = open_volume(written.compartments, "compartments", synth.RESOLUTION)
+    np.testing.assert_array_equal(compartments.read(compartments.bounds),
+                                  synth.make_compartments(SHAPE, SEED))
     stored = em_volume.read(em_volume.bounds).astype(np.int16)
     assert np.abs(stored - em).mean() < 4  # jpeg is lossy
 
@@ -109,7 +172,10 @@ def test_files_on_disk(written):
     meta = json.loads((root / synth.CLASSES_FILE).read_text())
     assert all(k == str(int(k)) for k in meta["classes"])  # decimal strings keep 64 bits
     assert {int(k): v for k, v in meta["classes"].items()} == written.classes
-    for name, encoding in (("em", "jpeg"), ("segmentation", "compressed_segmentation")):
+    assert {int(k): v for k, v in meta["compartments"].items()} == dict(
+        enumerate(synth.COMPARTMENTS, start=1))
+    for name, encoding in (("em", "jpeg"), ("segmentation", "compressed_segmentation"),
+                           ("compartments", "raw")):
         scale = json.loads((root / name / "info").read_text())["scales"][0]
         assert scale["encoding"] == encoding
         assert scale["chunk_sizes"] == [list(synth.CHUNK_SIZE)]
@@ -168,8 +234,8 @@ def test_failed_write_leaves_earlier_dataset_and_no_partial_files(tmp_path, monk
 
 def test_summary(written):
     text = synth.summarize(written)
-    for word in (*synth.CLASSES, "foreground fraction", "bytes on disk", "jpeg",
-                 "compressed_segmentation"):
+    for word in (*synth.CLASSES, "fraction", "foreground fraction", "bytes on disk", "jpeg",
+                 "compressed_segmentation", "compartments"):
         assert word in text
 
 
