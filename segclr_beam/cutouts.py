@@ -24,7 +24,7 @@ import fastremap
 import numpy as np
 
 from segclr_beam.records import Point
-from segclr_beam.volume import Box, Volume
+from segclr_beam.volume import AbsentChunks, Box, Volume
 
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_CUTOUT_SIZE = 129
@@ -35,6 +35,10 @@ Cutout = tuple[Point, np.ndarray]
 
 class PointOutsideError(ValueError):
     """A point lies outside both the EM and the segmentation volume."""
+
+
+class SegmentAbsentError(ValueError):
+    """Points whose segment does not occur in their cutout window."""
 
 
 @dataclasses.dataclass
@@ -54,6 +58,8 @@ class CutoutStats:
     chunk_bytes_decoded: int = 0
     cutouts: int = 0
     segment_absent: int = 0
+    absent_chunks_em: int = 0
+    absent_chunks_segmentation: int = 0
 
 
 def block_of(point: Point, block_size: int) -> tuple[int, int, int]:
@@ -93,8 +99,8 @@ def check_cutout_size(cutout_size: int) -> None:
 
 
 def cut_block(points: Iterable[Point], box: Box, em: np.ndarray, segmentation: np.ndarray,
-              cutout_size: int = DEFAULT_CUTOUT_SIZE,
-              stats: CutoutStats | None = None) -> Iterator[Cutout]:
+              cutout_size: int = DEFAULT_CUTOUT_SIZE, stats: CutoutStats | None = None,
+              absent: list[Point] | None = None) -> Iterator[Cutout]:
     """Masked cutouts of `points` from EM and segmentation arrays covering `box`.
 
     `em` (uint8) and `segmentation` (integer ids) are indexed [x, y, z] as Volume.read
@@ -102,7 +108,8 @@ def cut_block(points: Iterable[Point], box: Box, em: np.ndarray, segmentation: n
     EM where the segmentation equals the point's segment, zero elsewhere and wherever the
     window leaves `box`; so `box` needs to cover only the part of the windows inside the
     segmentation. A point whose segment does not occur in its window (or is 0, background)
-    gets an all-zero cutout and is counted in `stats.segment_absent`.
+    is counted in `stats.segment_absent`; it is appended to `absent` instead of being
+    yielded if that list is given, else it gets an all-zero cutout.
     """
     stats = stats if stats is not None else CutoutStats()
     if em.shape != box.shape or segmentation.shape != box.shape:
@@ -130,8 +137,11 @@ def cut_block(points: Iterable[Point], box: Box, em: np.ndarray, segmentation: n
             np.equal(local[source], local.dtype.type(label), out=mask)
             np.multiply(em[source], mask, out=cutout[target])
             present = bool(mask.any())
-        stats.cutouts += 1
         stats.segment_absent += not present
+        if not present and absent is not None:
+            absent.append(point)
+            continue
+        stats.cutouts += 1
         yield point, cutout
 
 
@@ -149,23 +159,48 @@ def _chunk_bytes(box: Box, volume: Volume, chunk: Sequence[int], origin: Sequenc
 class CutoutReader:
     """Reads EM and segmentation for groups of points and yields their masked cutouts.
 
-    `stats` accumulates over all groups read.
+    A point's segment must occur in its cutout window: a skeleton's points lie inside their
+    segment, and a point of a table may sit on a membrane next to it, but a window without
+    its segment would embed nothing. Such points raise SegmentAbsentError naming the first
+    few of the group, or with `skip_absent` are left out and counted
+    (`stats.segment_absent`). Absent storage chunks are counted per volume; more than
+    `max_absent_chunks` of one volume raise volume.AbsentChunksError. `stats` accumulates
+    over all groups read.
     """
 
     def __init__(self, em: Volume, segmentation: Volume,
-                 cutout_size: int = DEFAULT_CUTOUT_SIZE):
+                 cutout_size: int = DEFAULT_CUTOUT_SIZE, skip_absent: bool = False,
+                 max_absent_chunks: int = 0):
         check_cutout_size(cutout_size)
         self.em = em
         self.segmentation = segmentation
         self.cutout_size = cutout_size
+        self.skip_absent = skip_absent
         self.stats = CutoutStats()
+        self._absent_chunks = {v.name: AbsentChunks(v.name, max_absent_chunks)
+                               for v in (em, segmentation)}
         self._grids: list[tuple[Volume, tuple, tuple]] | None = None
 
     def cutouts(self, points: Iterable[Point]) -> Iterator[Cutout]:
         """Masked cutouts of a group of points, from one shared read or one read per window.
 
-        Raises PointOutsideError, before reading anything, for a point outside both volumes.
+        Raises PointOutsideError, before reading anything, for a point outside both volumes,
+        and SegmentAbsentError after the group for points whose segment is absent.
         """
+        absent: list[Point] = []
+        yield from self._cutouts(points, absent)
+        if absent and not self.skip_absent:
+            shown = "; ".join(f"segment {p.segment_id} node {p.node_id} at voxel "
+                              f"{(p.x, p.y, p.z)}" for p in absent[:5])
+            raise SegmentAbsentError(
+                f"{len(absent)} point(s) whose segment does not occur in its "
+                f"{self.cutout_size}^3 cutout window of the segmentation "
+                f"{self.segmentation.spec.get('kvstore', self.segmentation.spec)}: {shown}"
+                f"{'; ...' if len(absent) > 5 else ''}. The points and the segmentation "
+                "disagree (another version, resolution or offset?); --skip-absent leaves "
+                "such points out and counts them")
+
+    def _cutouts(self, points: Iterable[Point], absent: list[Point]) -> Iterator[Cutout]:
         points = sorted(points)
         for point in points:
             check_point(point, self.em.bounds, self.segmentation.bounds)
@@ -181,7 +216,7 @@ class CutoutReader:
             self.stats.blocks_read += not box.is_empty()
             # No local names for the arrays: cut_block drops the uint64 ids once relabelled.
             yield from cut_block(points, box, *self._read_async(box)(), self.cutout_size,
-                                 self.stats)
+                                 self.stats, absent)
             return
         # Few points far apart: all window reads go out at once (together they decode fewer
         # bytes than the shared read would) and each is released once cut.
@@ -189,7 +224,7 @@ class CutoutReader:
         self.stats.windows_read += sum(not w.is_empty() for w in windows)
         for point, window in zip(points, windows):
             yield from cut_block([point], window, *pending.pop(0)(), self.cutout_size,
-                                 self.stats)
+                                 self.stats, absent)
 
     def _bytes(self, box: Box) -> int:
         """Bytes of EM and segmentation materialised from storage to read `box`."""
@@ -209,9 +244,17 @@ class CutoutReader:
             return lambda: (np.zeros(box.shape, np.uint8), np.zeros(box.shape, np.uint8))
         self.stats.bytes_decoded += self._bytes(box)
         self.stats.chunk_bytes_decoded += self.chunk_bytes([box])
-        em = self.em.read_async(box, order="F")
-        segmentation = self.segmentation.read_async(box, order="F")
-        return lambda: (em.result(), segmentation.result())
+        em = self.em.read_async(box, order="F", check_absent=True)
+        segmentation = self.segmentation.read_async(box, order="F", check_absent=True)
+
+        def result():
+            arrays = em.result(), segmentation.result()
+            self.stats.absent_chunks_em += self._absent_chunks[self.em.name].add(em.absent)
+            self.stats.absent_chunks_segmentation += self._absent_chunks[
+                self.segmentation.name].add(segmentation.absent)
+            return arrays
+
+        return result
 
 
 def group_key(point: Point, block_size: int, groups: int = 1) -> tuple[int, int, int, int]:
@@ -246,14 +289,19 @@ class _CutFn(beam.DoFn):
 
     _COUNTERS = {"blocks_read": "blocks_read", "windows_read": "windows_read",
                  "bytes_decoded": "bytes_decoded", "chunk_bytes_decoded": "chunk_bytes_decoded",
-                 "cutouts": "cutouts_emitted", "segment_absent": "cutouts_segment_absent"}
+                 "cutouts": "cutouts_emitted", "segment_absent": "cutouts_segment_absent",
+                 "absent_chunks_em": "absent_chunks_em",
+                 "absent_chunks_segmentation": "absent_chunks_segmentation_cutouts"}
 
-    def __init__(self, em: Volume, segmentation: Volume, cutout_size: int, keyed: bool):
+    def __init__(self, em: Volume, segmentation: Volume, cutout_size: int, keyed: bool,
+                 skip_absent: bool, max_absent_chunks: int):
         self._em, self._segmentation, self._cutout_size = em, segmentation, cutout_size
         self._keyed = keyed
+        self._skip_absent, self._max_absent = skip_absent, max_absent_chunks
 
     def setup(self):
-        self._reader = CutoutReader(self._em, self._segmentation, self._cutout_size)
+        self._reader = CutoutReader(self._em, self._segmentation, self._cutout_size,
+                                    self._skip_absent, self._max_absent)
         self._counters = {field: beam.metrics.Metrics.counter("segclr", name)
                           for field, name in self._COUNTERS.items()}
 
@@ -281,12 +329,15 @@ class MakeCutouts(beam.PTransform):
     cutout is consumed in the stage that made it. A point outside both volumes fails the
     stage with PointOutsideError naming it. With `keyed`, elements are (Point, value) pairs
     (at most one per point) and come out as ((Point, value), cutout): a light value travels
-    with its point to where the cutout is made.
+    with its point to where the cutout is made. A point whose segment is absent from its
+    window fails the stage, or with `skip_absent` is left out and counted; absent storage
+    chunks are counted, and fail the stage past `max_absent_chunks` (see CutoutReader).
     """
 
     def __init__(self, em: Volume, segmentation: Volume, block_size: int = DEFAULT_BLOCK_SIZE,
                  cutout_size: int = DEFAULT_CUTOUT_SIZE,
-                 max_points_per_group: int = DEFAULT_MAX_POINTS_PER_GROUP, keyed: bool = False):
+                 max_points_per_group: int = DEFAULT_MAX_POINTS_PER_GROUP, keyed: bool = False,
+                 skip_absent: bool = False, max_absent_chunks: int = 0):
         super().__init__()
         check_cutout_size(cutout_size)
         for name, value in (("block_size", block_size),
@@ -297,6 +348,7 @@ class MakeCutouts(beam.PTransform):
         self._block_size, self._cutout_size = block_size, cutout_size
         self._max = max_points_per_group
         self._keyed = keyed
+        self._skip_absent, self._max_absent = skip_absent, max_absent_chunks
 
     def expand(self, points):
         block_size, limit, keyed = self._block_size, self._max, self._keyed
@@ -311,4 +363,4 @@ class MakeCutouts(beam.PTransform):
                     dense=beam.pvalue.AsDict(dense))
                 | "GroupByBlock" >> beam.GroupByKey()
                 | "Cut" >> beam.ParDo(_CutFn(self._em, self._segmentation, self._cutout_size,
-                                             keyed)))
+                                             keyed, self._skip_absent, self._max_absent)))

@@ -8,14 +8,19 @@ of the cores, so that workers x threads match the machine.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 import re
 from typing import Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import _BeamArgumentParser
 
 LOCAL_RUNNER = "FnApiRunner"  # in-process; plain DirectRunner would first download Prism
+# Runners that run the job on this machine: the driver waits for them and reports the run.
+LOCAL_RUNNERS = (LOCAL_RUNNER, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner",
+                 "PrismRunner")
 # TensorFlow's intra-op thread count, read by the worker processes, which inherit it.
 THREADS_VARIABLE = "TF_NUM_INTRAOP_THREADS"
 _threads_set: str | None = None  # the value this module last set, told apart from a user's
@@ -38,34 +43,66 @@ class DataflowGpu:
     image: str | None = None             # the worker image built from docker/Dockerfile
     one_process_per_vm: bool = True      # one SDK process per VM, so one model per GPU
 
-    def flags(self) -> list[str]:
+    def flags(self, accelerator: bool = True) -> list[str]:
+        """Dataflow flags for these workers; without `accelerator`, the same image and machine
+        type but no GPU (for jobs that never run the model)."""
         if not self.image:
             raise ValueError("container_image: Dataflow GPU workers need the image built from "
                              "docker/Dockerfile (--container_image)")
         if self.count < 1:
             raise ValueError(f"gpu_count: must be >= 1, got {self.count}")
-        flags = [
+        flags = [f"--sdk_container_image={self.image}", "--experiments=use_runner_v2"]
+        if not accelerator:
+            return flags
+        flags += [
             f"--dataflow_service_options=worker_accelerator=type:{self.accelerator};"
             f"count:{self.count};install-nvidia-driver",
             f"--worker_machine_type={self.machine_type}",
-            f"--sdk_container_image={self.image}",
-            "--experiments=use_runner_v2",
         ]
         if self.one_process_per_vm:
             flags.append("--experiments=no_use_multiple_sdk_containers")
         return flags
 
 
-def pipeline_options(beam_args: Sequence[str], gpu: DataflowGpu | None = None) -> PipelineOptions:
+def is_local(options: PipelineOptions) -> bool:
+    """Whether `options` run the job on this machine (so the driver waits for it)."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return name is None or name.split(".")[-1] in LOCAL_RUNNERS
+
+
+def check_beam_args(beam_args: Sequence[str]) -> None:
+    """Raise ValueError naming the first flag that no Beam pipeline option knows.
+
+    Beam itself only logs such flags and goes on with defaults, so a mistyped flag of a
+    command (which passes the flags it does not know to Beam) would be silently ignored.
+    """
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options collects them
+    _, unknown = parser.parse_known_args(list(beam_args))
+    if unknown:
+        known = [o for action in parser._actions for o in action.option_strings]
+        name = unknown[0].split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unrecognized argument {unknown[0]}{hint}: neither an option of "
+                         "this command nor a Beam pipeline option")
+
+
+def pipeline_options(beam_args: Sequence[str], gpu: DataflowGpu | None = None,
+                     accelerator: bool = True) -> PipelineOptions:
     """Options from pass-through Beam flags; the local runner, one worker process per core,
-    unless a runner is named."""
+    unless a runner is named. Flags Beam does not know are refused (`check_beam_args`).
+    With `gpu` but not `accelerator` the Dataflow workers get the image but no GPU."""
     args = list(beam_args)
+    check_beam_args(args)
     options = PipelineOptions(args)
     runner = options.view_as(StandardOptions).runner
     if gpu is not None:
         if runner not in (None, "DataflowRunner"):
             raise ValueError(f"gpu options are for DataflowRunner, not runner {runner!r}")
-        args = ["--runner=DataflowRunner", *args, *gpu.flags()]
+        args = ["--runner=DataflowRunner", *args, *gpu.flags(accelerator)]
     elif runner in (None, LOCAL_RUNNER):
         args = [f"--runner={LOCAL_RUNNER}", *args, *_local_workers(args, options)]
     return PipelineOptions(args, save_main_session=False)

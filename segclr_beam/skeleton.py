@@ -32,7 +32,7 @@ from osteoid import Skeleton
 
 from segclr_beam.points import skeleton_points
 from segclr_beam.precomputed import skeletons_info, to_precomputed
-from segclr_beam.volume import Box, Volume, VolumeError
+from segclr_beam.volume import AbsentChunks, Box, Volume, VolumeError
 
 OVERLAP = 1  # voxels a chunk shares with each upper neighbour
 
@@ -374,17 +374,24 @@ class _SkeletonizeChunk(beam.DoFn):
     """Chunk -> (segment id, Fragment), and (segment id, voxel count) tagged `voxels`."""
 
     def __init__(self, segmentation: Volume, options: SkeletonOptions,
-                 segment_ids: frozenset[int] | None):
+                 segment_ids: frozenset[int] | None, max_absent_chunks: int):
         self._segmentation, self._options, self._segment_ids = segmentation, options, segment_ids
+        self._max_absent = max_absent_chunks
         self._chunks, self._fragments = _counter("chunks_skeletonized"), _counter("fragments")
+        self._absent_counter = _counter("absent_chunks_segmentation")
 
     def setup(self):
         self._segmentation.store  # open the TensorStore once per worker
+        self._absent = AbsentChunks(self._segmentation.name, self._max_absent)
 
     def process(self, chunk: Chunk):
-        fragments, voxels = skeletonize_chunk(self._segmentation.read(chunk.box), chunk,
+        read = self._segmentation.read_async(chunk.box, check_absent=True)
+        fragments, voxels = skeletonize_chunk(read.result(), chunk,
                                               self._segmentation.resolution, self._options,
                                               self._segment_ids)
+        # Chunks overlap: a storage chunk is counted by the chunk whose core holds its origin.
+        self._absent_counter.inc(self._absent.add(
+            o for o in read.absent if chunk.core.contains(o)))
         self._chunks.inc()
         self._fragments.inc(len(fragments))
         yield from fragments.items()
@@ -429,13 +436,17 @@ class SkeletonizeSegments(beam.PTransform):
     points are sampled every `options.spacing_nm`. Segments with fewer than
     `options.min_voxels` voxels inside the box are dropped; `segment_ids`, if given, restricts
     the work to those segments. With `skeleton_dir`, the merged skeletons are also written
-    there as neuroglancer precomputed skeletons (the info file last).
+    there as neuroglancer precomputed skeletons (the info file last). More than
+    `max_absent_chunks` absent storage chunks of the segmentation fail the stage
+    (volume.AbsentChunks); the tolerated ones are counted (`absent_chunks_segmentation`).
     """
 
     def __init__(self, segmentation: Volume, bbox: Box | None = None,
                  options: SkeletonOptions = SkeletonOptions(),
-                 segment_ids: Collection[int] | None = None, skeleton_dir: str | None = None):
+                 segment_ids: Collection[int] | None = None, skeleton_dir: str | None = None,
+                 max_absent_chunks: int = 0):
         super().__init__()
+        self._max_absent = max_absent_chunks
         bbox = segmentation.bounds if bbox is None else bbox
         self._chunks = plan_chunks(bbox, options.chunk_size, segmentation.bounds)
         self._segmentation, self._options = segmentation, options
@@ -447,7 +458,7 @@ class SkeletonizeSegments(beam.PTransform):
                  | "Chunks" >> beam.Create(self._chunks)
                  | "SpreadChunks" >> beam.Reshuffle()
                  | "Skeletonize" >> beam.ParDo(_SkeletonizeChunk(
-                     self._segmentation, self._options, self._segment_ids)
+                     self._segmentation, self._options, self._segment_ids, self._max_absent)
                  ).with_outputs(_VOXELS, main=_FRAGMENTS))
         voxels = found[_VOXELS] | "SumVoxels" >> beam.CombinePerKey(sum)
         merged = ({_FRAGMENTS: found[_FRAGMENTS], _VOXELS: voxels}

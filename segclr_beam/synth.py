@@ -568,6 +568,7 @@ def _write_volume(path: Path, array: np.ndarray, kind: str, encoding: str) -> ts
         "kvstore": f"file://{path.resolve()}/",
         "multiscale_metadata": {"type": kind, "data_type": str(array.dtype), "num_channels": 1},
         "scale_metadata": scale,
+        "store_data_equal_to_fill_value": True,  # every chunk stored, as a complete volume
     }, create=True).result()
     return store[..., 0].write(array)
 

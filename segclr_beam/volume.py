@@ -14,11 +14,12 @@ is opened; `Volume.describe()` names it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -87,18 +88,30 @@ class Box:
 
 
 class PendingRead:
-    """A read in flight; `result()` gives the box as an (x, y, z) array with zeros outside."""
+    """A read in flight; `result()` gives the box as an (x, y, z) array with zeros outside.
 
-    def __init__(self, box: Box, inside: Box, dtype: np.dtype, future: Any | None, order: str):
+    A checked read also finds the storage chunks absent in the box (`absent`, their
+    origins, known once `result()` returned); they read as zeros like voxels outside.
+    """
+
+    def __init__(self, box: Box, inside: Box, dtype: np.dtype, future: Any | None, order: str,
+                 checked: bool = False):
         self._box, self._inside, self._dtype, self._future = box, inside, dtype, future
-        self._order = order
+        self._order, self._checked = order, checked
+        self.absent: list[tuple[int, int, int]] = []
+
+    def _inside_result(self) -> np.ndarray:
+        if not self._checked:
+            return np.asarray(self._future.result())
+        data, self.absent = self._future.result()
+        return data
 
     def result(self) -> np.ndarray:
         if self._inside == self._box:
-            return np.asarray(self._future.result())
+            return self._inside_result()
         out = np.zeros(self._box.shape, dtype=self._dtype, order=self._order)
         if self._future is not None:
-            out[self._inside.slices(self._box.start)] = self._future.result()
+            out[self._inside.slices(self._box.start)] = self._inside_result()
         return out
 
 
@@ -106,6 +119,7 @@ class _TensorStoreReader:
     """A volume read by TensorStore, as a 3-D (x, y, z) view."""
 
     def __init__(self, spec: dict, name: str):
+        self._spec, self._name, self._strict = spec, name, None
         self.store = _xyz_view(ts.open(spec, read=True).result(), name)
         self.bounds = Box(self.store.domain.inclusive_min, self.store.domain.exclusive_max)
         self.dtype = np.dtype(self.store.dtype.numpy_dtype)
@@ -115,6 +129,56 @@ class _TensorStoreReader:
 
     def read(self, box: Box, order: str) -> Any:
         return self.store[box.slices()].read(order=order)
+
+    def read_checked(self, box: Box, order: str) -> "_CheckedRead":
+        """Read `box`; the result is (array, origins of the storage chunks absent in it)."""
+        if self._strict is None:
+            spec = {**self._spec, "fill_missing_data_reads": False}
+            self._strict = _xyz_view(ts.open(spec, read=True).result(), self._name)
+        return _CheckedRead(self, box, order, self._strict[box.slices()].read(order=order))
+
+
+class _CheckedRead:
+    """A TensorStore read that fails on absent chunks; on failure, the absent chunks are
+    found (one read per chunk, only then) and the box is read again with fill values."""
+
+    def __init__(self, reader: _TensorStoreReader, box: Box, order: str, strict: Any):
+        self._reader, self._box, self._order, self._strict = reader, box, order, strict
+
+    def result(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        try:
+            return np.asarray(self._strict.result()), []
+        except ValueError as e:
+            if "NOT_FOUND" not in str(e):
+                raise
+        reader = self._reader
+        reads = [(origin, reader._strict[chunk.slices()].read())
+                 for origin, chunk in chunk_boxes(self._box, *reader.chunks)]
+        absent = [origin for origin, read in reads if _missing(read)]
+        return np.asarray(reader.read(self._box, self._order).result()), absent
+
+
+def _missing(read: Any) -> bool:
+    """Whether a read of a store without fill values failed for an absent chunk."""
+    try:
+        read.result()
+    except ValueError as e:
+        if "NOT_FOUND" in str(e):
+            return True
+        raise
+    return False
+
+
+def chunk_boxes(box: Box, chunk: Sequence[int], origin: Sequence[int]
+                ) -> list[tuple[tuple[int, int, int], Box]]:
+    """(chunk origin, the part of `box` in that chunk) of every storage chunk `box` touches."""
+    ranges = [range(o + (a - o) // c * c, b, c)
+              for a, b, c, o in zip(box.start, box.stop, chunk, origin)]
+    found = []
+    for corner in itertools.product(*ranges):
+        part = box.intersect(Box(corner, tuple(v + c for v, c in zip(corner, chunk))))
+        found.append((tuple(int(v) for v in corner), part))
+    return found
 
 
 class _CloudVolumeReader:
@@ -129,7 +193,8 @@ class _CloudVolumeReader:
                               "cloud-volume (compresso, crackle or gzip-compressed chunk files)")
         # parallel=1: no process pool inside a Beam worker; fill_missing: absent chunks are
         # background, as in TensorStore; no cache: reads are already one per block.
-        self._volume = CloudVolume(_cloud_path(spec), mip=spec["scale_index"], bounded=True,
+        self._path, self._strict = _cloud_path(spec), None
+        self._volume = CloudVolume(self._path, mip=spec["scale_index"], bounded=True,
                                    fill_missing=True, parallel=1, progress=False, cache=False)
         if self._volume.num_channels != 1:
             raise VolumeError(f"{name}: expected one channel, found {self._volume.num_channels}")
@@ -142,11 +207,36 @@ class _CloudVolumeReader:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"cloud-volume-{name}")
 
     def read(self, box: Box, order: str) -> Future:
-        return self._thread.submit(self._read, box, order)
+        return self._thread.submit(self._read, self._volume, box, order)
 
-    def _read(self, box: Box, order: str) -> np.ndarray:
+    def read_checked(self, box: Box, order: str) -> Future:
+        """Read `box`; the result is (array, origins of the storage chunks absent in it)."""
+        return self._thread.submit(self._read_checked, box, order)
+
+    def _read_checked(self, box: Box, order: str) -> tuple[np.ndarray, list]:
+        from cloudvolume import CloudVolume
+        from cloudvolume.exceptions import EmptyVolumeException
+
+        if self._strict is None:
+            self._strict = CloudVolume(self._path, mip=self._volume.mip, bounded=True,
+                                       fill_missing=False, parallel=1, progress=False,
+                                       cache=False)
+        try:
+            return self._read(self._strict, box, order), []
+        except EmptyVolumeException:
+            pass
+        absent = []
+        for origin, chunk in chunk_boxes(box, *self.chunks):
+            try:
+                self._read(self._strict, chunk, order)
+            except EmptyVolumeException:
+                absent.append(origin)
+        return self._read(self._volume, box, order), absent
+
+    @staticmethod
+    def _read(volume, box: Box, order: str) -> np.ndarray:
         x, y, z = (slice(a, b) for a, b in zip(box.start, box.stop))
-        return np.array(self._volume[x, y, z][..., 0], order=order)
+        return np.array(volume[x, y, z][..., 0], order=order)
 
 
 _READERS = {TENSORSTORE: _TensorStoreReader, CLOUD_VOLUME: _CloudVolumeReader}
@@ -181,17 +271,19 @@ class Volume:
         """The storage chunk shape and the origin of the chunk grid, (x, y, z) voxels."""
         return self.store.chunks
 
-    def read_async(self, box: Box, order: str = "C") -> PendingRead:
+    def read_async(self, box: Box, order: str = "C", check_absent: bool = False) -> PendingRead:
         """Start reading `box`; voxels outside the volume come back as zeros.
 
         order="F" lays the (x, y, z) array out so that its transpose, (z, y, x) as the
-        model takes it, is C-contiguous without a copy.
+        model takes it, is C-contiguous without a copy. With `check_absent` the read also
+        tells which storage chunks inside the volume are absent (`PendingRead.absent`),
+        at no cost while none is.
         """
         inside = box.intersect(self.bounds)
         future = None
         if not inside.is_empty():
-            future = self.store.read(inside, order)
-        return PendingRead(box, inside, self.dtype, future, order)
+            future = (self.store.read_checked if check_absent else self.store.read)(inside, order)
+        return PendingRead(box, inside, self.dtype, future, order, check_absent)
 
     def read(self, box: Box) -> np.ndarray:
         return self.read_async(box).result()
@@ -199,6 +291,38 @@ class Volume:
     def describe(self) -> str:
         res = " x ".join(f"{r:g}" for r in self.resolution)
         return f"{self.name}: {self.dtype} at {res} nm, voxels {self.bounds}, read by {self.reader}"
+
+
+class AbsentChunksError(VolumeError):
+    """More storage chunks of a volume are absent than the run tolerates."""
+
+
+@dataclasses.dataclass
+class AbsentChunks:
+    """The absent storage chunks of one volume that a worker has seen, each counted once.
+
+    Absent chunks read as zeros, like background: a damaged volume would give an output
+    that looks complete. Past `limit` chunks, `add` raises AbsentChunksError naming the
+    volume and the first chunks.
+    """
+
+    volume: str
+    limit: int
+    seen: set = dataclasses.field(default_factory=set)
+
+    def add(self, origins: Iterable[tuple[int, int, int]]) -> int:
+        """Record absent chunks by origin; returns how many were new."""
+        before = len(self.seen)
+        self.seen.update(tuple(o) for o in origins)
+        if len(self.seen) > self.limit:
+            first = ", ".join(str(o) for o in sorted(self.seen)[:5])
+            raise AbsentChunksError(
+                f"{self.volume}: {len(self.seen)} storage chunks inside the box are absent "
+                f"(chunk origins {first}{', ...' if len(self.seen) > 5 else ''}), more than "
+                f"the {self.limit} tolerated; they would read as zeros. Repair the volume, or "
+                "accept them with --max-absent-chunks (e.g. a volume written without its "
+                "all-background chunks)")
+        return len(self.seen) - before
 
 
 def parse_source(source: str | dict) -> dict:

@@ -12,6 +12,7 @@ import tensorstore as ts
 from apache_beam.testing.util import assert_that, equal_to
 
 from segclr_beam.cutouts import (CutoutReader, CutoutStats, MakeCutouts, PointOutsideError,
+                                 SegmentAbsentError,
                                  block_of, cut_block, group_key, windows_box)
 from segclr_beam.records import Point
 from segclr_beam.volume import Box, open_volumes
@@ -142,10 +143,13 @@ def test_absent_segment_gives_zeros_and_is_counted(dataset):
     for point in points[1:]:
         assert not cutouts[point].any(), point
     assert stats.segment_absent == 3 and stats.cutouts == 4
-    # The reader agrees, whichever way it reads.
-    reader = CutoutReader(em, segmentation, 33)
-    assert all((cutouts[p] == c).all() for p, c in reader.cutouts(points))
-    assert reader.stats.segment_absent == 3
+    # The reader refuses such points, naming them, or leaves them out and counts them.
+    with pytest.raises(SegmentAbsentError, match=r"3 point\(s\) whose segment does not occur"
+                       r".*segment 987654321 node 3 at voxel \(100, 100, 60\)"):
+        list(CutoutReader(em, segmentation, 33).cutouts(points))
+    reader = CutoutReader(em, segmentation, 33, skip_absent=True)
+    assert [p for p, _ in reader.cutouts(points)] == [points[0]]
+    assert reader.stats.segment_absent == 3 and reader.stats.cutouts == 1
 
 
 def test_cut_block_axis_order_and_box_offset():
@@ -171,6 +175,7 @@ def write_precomputed(path, array: np.ndarray, offset) -> str:
     segmentation = array.dtype == np.uint64
     store = ts.open({
         "driver": "neuroglancer_precomputed", "kvstore": f"file://{path}/", "create": True,
+        "store_data_equal_to_fill_value": True,  # every chunk stored, none absent
         "multiscale_metadata": {"type": "segmentation" if segmentation else "image",
                                 "data_type": array.dtype.name, "num_channels": 1},
         "scale_metadata": {"size": list(array.shape), "resolution": [32, 32, 33],
@@ -194,7 +199,7 @@ def test_volumes_with_offsets_and_different_bounds(tmp_path):
     points += [Point(int(labels[0, 0, 0]), 100, 100, 50, 0),      # inside seg, outside EM
                Point(int(2**40 + 1), 101, 147, 89, 43)]           # inside EM, outside seg
     for size in (9, 25):
-        reader = CutoutReader(em, segmentation, size)
+        reader = CutoutReader(em, segmentation, size, skip_absent=True)
         cutouts = list(reader.cutouts(points)) + list(reader.cutouts(points[:2]))
         check_against_reference(cutouts, stores, size)
         assert reader.stats.segment_absent == (size == 9)  # node 101's window misses it

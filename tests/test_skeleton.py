@@ -216,7 +216,7 @@ def write_segmentation(path, labels: np.ndarray):
         "multiscale_metadata": {"type": "segmentation", "data_type": "uint64", "num_channels": 1},
         "scale_metadata": {"size": list(labels.shape), "resolution": [32, 32, 33],
                            "encoding": "compressed_segmentation", "chunk_size": [32, 32, 32]},
-        "create": True}).result()
+        "store_data_equal_to_fill_value": True, "create": True}).result()
     store[..., 0].write(labels).result()
     return open_volume(str(path), "segmentation", (32, 32, 33))
 

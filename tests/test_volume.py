@@ -24,7 +24,8 @@ def write_precomputed(path, array, resolution=(32, 32, 33), offset=(0, 0, 0), ex
     scale = {"size": list(array.shape), "resolution": list(resolution), "voxel_offset": list(offset),
              "encoding": "compressed_segmentation" if segmentation else "raw",
              "chunk_size": [16, 16, 16]}
-    store = ts.open({**base, "scale_metadata": scale, "create": True}).result()
+    store = ts.open({**base, "scale_metadata": scale, "create": True,
+                     "store_data_equal_to_fill_value": True}).result()
     store[..., 0].write(array).result()
     return str(path)
 
