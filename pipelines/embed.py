@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 
-from segclr_beam.config import ConfigError, EmbedConfig, add_flags, field_help
-from segclr_beam.runner import DataflowGpu, configure_logging
+from segclr_beam.config import EmbedConfig, add_flags, field_help
+from segclr_beam.job import root_cause
+from segclr_beam.runner import DataflowGpu, check_beam_args, configure_logging
 
 TEMPLATE_DESCRIPTION = (
     "SegCLR embeddings of every segment of an EM segmentation: skeleton sample points, masked "
@@ -76,21 +78,40 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
     return EmbedConfig().updated(config_flags(args)).validate()
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None
+          ) -> tuple[argparse.Namespace, list[str]]:
+    """The command's options and the Beam flags; a flag neither knows is a usage error."""
+    args, beam_args = parser.parse_known_args(argv)
+    try:
+        check_beam_args(beam_args, [o for a in parser._actions for o in a.option_strings])
+    except ValueError as e:
+        parser.error(str(e))
+    return args, beam_args
+
+
+def failed(command: str, error: BaseException) -> SystemExit:
+    """The exit of a command whose job failed: the error naming the input, once."""
+    logging.debug("%s failed", command, exc_info=error)
+    return SystemExit(f"segclr-beam {command}: {root_cause(error)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     from segclr_beam import pipeline
 
     configure_logging()
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = parse(build_parser(), argv)
     if args.template_metadata:
         print(json.dumps(template_metadata(), indent=2))
         return
     gpu = gpu_from_args(args)
     try:
         summary = pipeline.run(config_from_args(args), beam_args, gpu)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"segclr-beam embed: {e}")
-    if not summary.counters:
-        print(f"submitted: {summary.result}")
+    except Exception as e:  # a stage's error reaches here wrapped by Beam
+        raise failed("embed", e) from None
+    if summary.wall_seconds:
+        print(summary.report())
+        return
+    print(f"submitted: {summary.result}")
     for name, path in summary.outputs.items():
         print(f"{name}: {path}")
 

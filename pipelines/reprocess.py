@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from segclr_beam import reprocess
 
     configure_logging()
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = embed.parse(build_parser(), argv)
     gpu = embed.gpu_from_args(args)
     try:
         overrides = embed.config_flags(args)
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = reprocess.reprocess(args.previous, overrides, full=args.full,
                                       changed_ids=changed, removed_ids=removed,
                                       beam_args=beam_args, gpu=gpu)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"segclr-beam reprocess: {e}")
+    except Exception as e:  # a stage's error reaches here wrapped by Beam
+        raise embed.failed("reprocess", e) from None
     if summary.full:
         print("embedding every segment again (--full)")
     if summary.changes:
@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     if summary.run.wall_seconds:
         print(f"nodes: {counters.get('nodes_carried', 0)} carried, "
               f"{counters.get('embeddings_reused', 0)} reused by cutout, "
-              f"{counters.get('embeddings', 0)} embedded; {summary.run.wall_seconds:.1f} s")
-    else:
-        print(f"submitted: {summary.run.result}")
+              f"{counters.get('embeddings', 0)} embedded")
+        print(summary.run.report())
+        return
+    print(f"submitted: {summary.run.result}")
     for name, path in summary.run.outputs.items():
         print(f"{name}: {path}")
 

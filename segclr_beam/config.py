@@ -89,6 +89,12 @@ class EmbedConfig:
                              "releases 50000", int, label="Shards")
     bytewidth: int = _field(64, "bytes of the segment id hashed for sharding; h01 uses 64, "
                             "newer MICrONS releases 8", int, label="Shard hash bytewidth")
+    tfrecord_shards: int = _field(64, "TFRecord files per output tree", int,
+                                  label="TFRecord shards")
+    skip_absent: bool = _field(False, "leave out (and count) points whose segment does not "
+                               "occur in their cutout window, instead of failing", None)
+    max_absent_chunks: int = _field(0, "absent storage chunks of a volume inside the box that "
+                                    "the run tolerates (they read as zeros); more fail it", int)
     coordinates: str = _field("voxels", "voxels, or nm (x * resolution + offset)")
     offset_nm: tuple[float, float, float] = _field(
         (0.0, 0.0, 0.0), "added to nm coordinates, X,Y,Z (MICrONS public frame: "
@@ -146,6 +152,10 @@ class EmbedConfig:
         for name in ("chunk_size", "block_size", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.tfrecord_shards <= 99999:
+            raise ConfigError(f"tfrecord_shards: must be in 1 .. 99999, got {self.tfrecord_shards}")
+        if self.max_absent_chunks < 0:
+            raise ConfigError(f"max_absent_chunks: must be >= 0, got {self.max_absent_chunks}")
         if self.min_voxels < 0:
             raise ConfigError(f"min_voxels: must be >= 0, got {self.min_voxels}")
         if self.spacing_nm <= 0:

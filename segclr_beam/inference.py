@@ -10,6 +10,7 @@ keeps one per machine (e.g. one per GPU) and sends batches to it from the other 
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from typing import Any, Iterator, Optional, Sequence
 
@@ -58,6 +59,24 @@ def local_copy(saved_model_dir: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="segclr-model-") as tmp:
         copy_tree(saved_model_dir, tmp)
         yield tmp
+
+
+def check_model(saved_model_dir: str) -> dict:
+    """The identity record of an exported model, once its graph and every variable are known
+    to be readable (ValueError naming the model otherwise); builds no graph, uses no device."""
+    identity = model_identity(saved_model_dir)
+    with local_copy(saved_model_dir) as local:
+        if not tf.saved_model.contains_saved_model(local):
+            raise ValueError(f"{saved_model_dir}: no saved_model.pb")
+        try:
+            reader = tf.train.load_checkpoint(os.path.join(local, "variables", "variables"))
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+        except (tf.errors.OpError, ValueError) as e:
+            reason = str(getattr(e, "message", e)).strip().splitlines()[0]
+            raise ValueError(f"{saved_model_dir}: its variables cannot be read: {reason}"
+                             ) from None
+    return identity
 
 
 class EmbeddingModel:

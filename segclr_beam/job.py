@@ -8,23 +8,31 @@ compositions have in common; `summarize` reports a finished local run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
-from typing import Any, Collection
+import logging
+import os
+import re
+from typing import Any, Collection, Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from segclr_beam import aggregate, model, outputs, points, skeleton
+from segclr_beam import aggregate, cutouts, inference, model, outputs, points, skeleton
 from segclr_beam.config import ConfigError, EmbedConfig
-from segclr_beam.manifest import fingerprint_box
+from segclr_beam.lock import LockedError, OutputLock
+from segclr_beam.manifest import MANIFEST_DIR, fingerprint_box
 from segclr_beam.records import output_variants, variant_name
-from segclr_beam.shards import join
-from segclr_beam.volume import Box, Volume, VolumeError, open_volumes
+from segclr_beam.shards import TEMP_PREFIX, delete_tree, join
+from segclr_beam.volume import AbsentChunksError, Box, Volume, VolumeError, open_volumes
 
 POINTS_FILE = "points.avro"
 RUN_FILE = "run.json"
 RAW = variant_name(None)
+REPROCESS_DIR = ".reprocess"  # reprocessing's staging directory below the new output root
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -37,6 +45,7 @@ class Job:
     bbox: Box
     model_dir: str         # an exported SavedModel
     model: dict            # its identity record
+    lock: OutputLock | None = None  # the output's, held from prepare to the end of the run
 
     @property
     def variants(self) -> dict[str, float | None]:
@@ -51,6 +60,18 @@ class Job:
     def embedding_dim(self) -> int:
         return int(self.model["architecture"]["embedding_dim"])
 
+    def finish(self) -> None:
+        """Release the output (the run is complete)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def discard(self) -> None:
+        """Remove everything this run wrote and release the output (the run failed)."""
+        removed = remove_run(self.config.output)
+        if removed:
+            _LOG.warning("removed the incomplete outputs of this run at %s", self.config.output)
+        self.finish()
+
     def provenance(self) -> dict[str, Any]:
         return {"em": self.em.spec, "segmentation": self.segmentation.spec,
                 "resolution_nm": list(self.em.resolution), "bbox": [*self.bbox.start, *self.bbox.stop]}
@@ -58,15 +79,48 @@ class Job:
 
 # Checks before any work ----------------------------------------------------------------------
 
-def _check_output(config: EmbedConfig, variants: dict) -> None:
-    """Refuse to mix with a previous run's output; prove the output path is writable."""
+# What a run puts below its output root (glob patterns); an incomplete run's leftovers, or with
+# --overwrite a previous run, are removed before a run starts.
+RUN_ENTRIES = (RUN_FILE, "points*.avro", RAW, "agg*um", MANIFEST_DIR, "skeletons", "model",
+               TEMP_PREFIX + "*", REPROCESS_DIR, ".segclr-write-probe")
+
+
+def run_entries(root: str) -> list[str]:
+    """The paths of `RUN_ENTRIES` that exist below `root` (directories as themselves)."""
+    if FileSystems.get_scheme(root) in (None, "file"):
+        return sorted(path for pattern in RUN_ENTRIES
+                      for path in glob.glob(os.path.join(glob.escape(root), pattern)))
+    found = set()
+    for pattern in RUN_ENTRIES:  # object stores: files, and the files under "directories"
+        for result in FileSystems.match([join(root, pattern), join(root, pattern, "**")]):
+            found.update(m.path for m in result.metadata_list)
+    return sorted(found)
+
+
+def remove_run(root: str) -> list[str]:
+    """Delete everything a run puts below `root` (RUN_ENTRIES); returns what was there."""
+    found = run_entries(root)
+    for path in found:
+        if os.path.isdir(path) and FileSystems.get_scheme(root) in (None, "file"):
+            delete_tree(path)
+        elif FileSystems.exists(path):
+            FileSystems.delete([path])
+    return found
+
+
+def _check_output(config: EmbedConfig) -> None:
+    """Refuse to replace a complete previous run unless --overwrite; remove what an earlier run
+    left (a killed or failed one, or with --overwrite any); prove the output is writable.
+    Called with the output's lock held, so nothing else writes there."""
     root = config.output
-    previous = [join(root, RUN_FILE), join(root, POINTS_FILE)]
-    previous += [join(root, name, outputs.INFO_NAME) for name in variants]
-    found = [path for path in previous if FileSystems.exists(path)]
-    if found and not config.overwrite:
-        raise ConfigError(f"output: {root} holds a previous run ({found[0]}); "
+    if FileSystems.exists(join(root, RUN_FILE)) and not config.overwrite:
+        raise ConfigError(f"output: {root} holds a previous run ({join(root, RUN_FILE)}); "
                           "choose another path or pass --overwrite")
+    removed = remove_run(root)
+    if removed:
+        _LOG.warning("removed %d entries of an earlier %s at %s before starting: %s",
+                     len(removed), "run" if config.overwrite else "incomplete run", root,
+                     ", ".join(p.rsplit("/", 1)[-1] for p in removed[:8]))
     probe = join(root, ".segclr-write-probe")
     try:
         with FileSystems.create(probe) as f:
@@ -89,26 +143,59 @@ def _resolve_model(config: EmbedConfig) -> str:
                       "nor a checkpoint prefix (.index)")
 
 
+def _check_box(config: EmbedConfig, em: Volume, segmentation: Volume) -> Box:
+    """The box to embed: `bbox`, inside both volumes; by default the volumes' voxels, which
+    must then be the same (else the default would quietly cut the segmentation)."""
+    if config.bbox is None:
+        if em.bounds != segmentation.bounds:
+            both = em.bounds.intersect(segmentation.bounds)
+            raise ConfigError(
+                f"bbox: the EM's voxels {em.bounds} and the segmentation's {segmentation.bounds} "
+                f"differ, so the whole volume is not one box; give --bbox (their overlap is "
+                f"{','.join(map(str, (*both.start, *both.stop)))})")
+        return em.bounds
+    bbox = Box(config.bbox[:3], config.bbox[3:])
+    both = em.bounds.intersect(segmentation.bounds)
+    if bbox.intersect(both).is_empty():
+        raise ConfigError(f"bbox: {bbox} lies outside the volumes' common voxels {both}")
+    for volume in (em, segmentation):
+        if config.points is None and bbox != bbox.intersect(volume.bounds):
+            raise ConfigError(f"bbox: {bbox} leaves the {volume.name}'s voxels {volume.bounds}")
+    return bbox
+
+
 def prepare(config: EmbedConfig) -> Job:
-    """Validate `config` against storage before any work; errors name the field."""
+    """Validate `config` against storage before any work; errors name the field.
+
+    Takes the output's lock (lock.OutputLock): the returned job holds it until
+    `Job.finish` or `Job.discard`.
+    """
     config.validate()
     try:
         em, segmentation = open_volumes(config.em, config.segmentation, config.resolution)
     except VolumeError as e:
         raise ConfigError(f"volumes: {e}") from None
-    both = em.bounds.intersect(segmentation.bounds)
-    bbox = both if config.bbox is None else Box(config.bbox[:3], config.bbox[3:])
-    if bbox.intersect(both).is_empty():
-        raise ConfigError(f"bbox: {bbox} lies outside the volumes' common voxels {both}")
-    if config.points is None and not bbox == bbox.intersect(segmentation.bounds):
-        raise ConfigError(f"bbox: {bbox} leaves the segmentation's voxels {segmentation.bounds}")
-    _check_output(config, output_variants(config.radii_nm))
-    model_dir = _resolve_model(config)
-    identity = model.model_identity(model_dir)
-    if identity["architecture"]["input_size"] != config.cutout_size:
-        raise ConfigError(f"cutout_size: {config.cutout_size}, but the model at {model_dir} "
-                          f"takes {identity['architecture']['input_size']}^3 cutouts")
-    return Job(config, em, segmentation, bbox, model_dir, identity)
+    bbox = _check_box(config, em, segmentation)
+    try:
+        output_lock = OutputLock.acquire(config.output)
+    except LockedError as e:
+        raise ConfigError(str(e)) from None
+    except Exception as e:  # the filesystem's own error types vary by scheme
+        raise ConfigError(f"output: cannot write to {config.output}: {e}") from None
+    try:
+        _check_output(config)
+        model_dir = _resolve_model(config)
+        try:
+            identity = inference.check_model(model_dir)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        if identity["architecture"]["input_size"] != config.cutout_size:
+            raise ConfigError(f"cutout_size: {config.cutout_size}, but the model at {model_dir} "
+                              f"takes {identity['architecture']['input_size']}^3 cutouts")
+    except BaseException:
+        output_lock.release()
+        raise
+    return Job(config, em, segmentation, bbox, model_dir, identity, output_lock)
 
 
 def skeleton_options(config: EmbedConfig) -> skeleton.SkeletonOptions:
@@ -156,50 +243,87 @@ def describe_run(job: Job) -> dict:
 
 # Stages both compositions share --------------------------------------------------------------
 
-def make_points(pipeline: beam.Pipeline, job: Job,
-                segment_ids: Collection[int] | None) -> beam.PCollection:
-    """The sample points ("Points") of `segment_ids`, or of every segment if None."""
+def points_source(job: Job) -> str:
+    """Where a job's points come from, as error messages name it."""
+    if job.config.points:
+        return f"points {job.config.points}"
+    return f"the skeletons of segmentation {job.config.segmentation} in box {job.bbox}"
+
+
+def make_points(pipeline: beam.Pipeline, job: Job, segment_ids: Collection[int] | None,
+                checked: bool = True) -> beam.PCollection:
+    """The sample points ("Points") of `segment_ids`, or of every segment if None; `checked`
+    ("CheckPoints"): refused unless there are points, of every listed segment, with ids that
+    fit the shard hash (points.CheckPoints)."""
     config = job.config
     if config.points:
-        return pipeline | "Points" >> points.ReadPoints(
+        found = pipeline | "Points" >> points.ReadPoints(
             config.points, segment_ids, job.em.resolution, config.spacing_nm)
-    return pipeline | "Points" >> skeleton.SkeletonizeSegments(
-        job.segmentation, job.bbox, skeleton_options(config), segment_ids=segment_ids,
-        skeleton_dir=join(config.output, "skeletons") if config.write_skeletons else None)
+    else:
+        found = pipeline | "Points" >> skeleton.SkeletonizeSegments(
+            job.segmentation, job.bbox, skeleton_options(config), segment_ids=segment_ids,
+            skeleton_dir=join(config.output, "skeletons") if config.write_skeletons else None,
+            max_absent_chunks=config.max_absent_chunks)
+    if not checked:
+        return found
+    return found | "CheckPoints" >> points.CheckPoints(points_source(job), segment_ids,
+                                                       config.bytewidth)
+
+
+def make_cutouts(job: Job, sample_points: beam.PCollection, keyed: bool = False):
+    """The masked cutouts of the points (cutouts.MakeCutouts with the job's settings)."""
+    config = job.config
+    return sample_points | "Cutouts" >> cutouts.MakeCutouts(
+        job.em, job.segmentation, config.block_size, config.cutout_size, keyed=keyed,
+        skip_absent=config.skip_absent, max_absent_chunks=config.max_absent_chunks)
 
 
 def write_results(job: Job, sample_points: beam.PCollection,
                   embeddings: beam.PCollection) -> beam.PCollection:
-    """The points table, the radius means and every output tree; returns the info paths."""
+    """The points table, the radius means and every output tree; returns the written paths
+    (complete once every file is in place)."""
     config = job.config
-    _ = sample_points | "WritePoints" >> points.WritePoints(join(config.output, POINTS_FILE))
+    written = sample_points | "WritePoints" >> points.WritePoints(join(config.output,
+                                                                      POINTS_FILE))
     aggregated = embeddings | "Aggregate" >> aggregate.AggregateEmbeddings(
         job.em.resolution, config.radii_nm)
     coordinates = (outputs.CoordinateSystem.voxels(job.em.resolution)
                    if config.coordinates == "voxels" else
                    outputs.CoordinateSystem.nanometres(job.em.resolution, config.offset_nm))
-    return {RAW: embeddings, **aggregated} | "Write" >> outputs.WriteEmbeddings(
+    trees = {RAW: embeddings, **aggregated} | "Write" >> outputs.WriteEmbeddings(
         config.output, job.variants, coordinates=coordinates, num_shards=config.num_shards,
         bytewidth=config.bytewidth, embedding_dim=job.embedding_dim, formats=config.formats,
-        volumes=job.provenance(), model=job.model)
+        tfrecord_shards=config.tfrecord_shards, volumes=job.provenance(), model=job.model)
+    return (written, trees) | "Results" >> beam.Flatten()
 
 
-def _write_record(_, job: Job) -> str:
-    """run.json: what produced the outputs. Written last, so its presence marks a whole run."""
+def _run_record(job: Job) -> dict:
     config = {k: v for k, v in json.loads(job.config.to_json()).items() if k != "overwrite"}
-    record = {"config": config, "model": job.model, "volumes": job.provenance()}
-    path = join(job.config.output, RUN_FILE)
+    return {"config": config, "model": job.model, "volumes": job.provenance()}
+
+
+def _write_json(path: str, record: dict) -> None:
     with FileSystems.create(path) as f:
         f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def _write_record(_, job: Job, release: bool) -> str:
+    """run.json: what produced the outputs. Written last, so its presence marks a whole run;
+    with `release`, the output's lock goes with it (a run the driver does not wait for)."""
+    path = join(job.config.output, RUN_FILE)
+    _write_json(path, _run_record(job))
+    if release:
+        job.finish()
     return path
 
 
-def record_run(job: Job, written: list[beam.PCollection]) -> None:
-    """Write run.json ("Record") once every PCollection in `written` is complete."""
+def record_run(job: Job, written: list[beam.PCollection], release: bool) -> None:
+    """Write run.json ("Record") once every PCollection in `written` is complete; with
+    `release` the step also releases the output's lock."""
     _ = (written
          | "Done" >> beam.Flatten()
          | "AllWritten" >> beam.combiners.ToList()
-         | "Record" >> beam.Map(_write_record, job))
+         | "Record" >> beam.Map(_write_record, job, release))
 
 
 # Reports -------------------------------------------------------------------------------------
@@ -217,6 +341,36 @@ class RunSummary:
     wall_seconds: float
     outputs: dict[str, str]
     model: dict
+
+    def totals(self) -> dict[str, Any]:
+        """What was made, from the counters: the summary run.json records."""
+        c = self.counters
+        return {
+            "segments": c.get("segments", 0), "points": c.get("points", 0),
+            "cutouts": c.get("cutouts_emitted", 0), "embeddings": c.get("embeddings", 0),
+            "points_segment_absent": c.get("cutouts_segment_absent", 0),
+            "absent_chunks": {"em": c.get("absent_chunks_em", 0),
+                              "segmentation_skeletons": c.get("absent_chunks_segmentation", 0),
+                              "segmentation_cutouts": c.get("absent_chunks_segmentation_cutouts",
+                                                            0)},
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "wall_seconds": round(self.wall_seconds, 3),
+            "trees": dict(self.outputs),
+        }
+
+    def report(self) -> str:
+        """The summary as lines for a terminal."""
+        t = self.totals()
+        chunks = t["absent_chunks"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in t["seconds"].items())
+        lines = [f"segments: {t['segments']}, points: {t['points']}, cutouts: {t['cutouts']}, "
+                 f"embeddings: {t['embeddings']}",
+                 f"points skipped, segment absent from the cutout: {t['points_segment_absent']}",
+                 f"absent storage chunks: EM {chunks['em']} (cutout reads), segmentation "
+                 f"{chunks['segmentation_skeletons']} (skeletons), "
+                 f"{chunks['segmentation_cutouts']} (cutout reads)",
+                 f"seconds per stage: {stages}; wall {t['wall_seconds']:.1f} s"]
+        return "\n".join(lines + [f"{name}: {path}" for name, path in t["trees"].items()])
 
 
 def counters(result) -> dict[str, int]:
@@ -236,6 +390,56 @@ def summarize(result, job: Job, wall: float, stages: Collection[str]) -> RunSumm
     return RunSummary(result, counters(result), seconds, wall, job.trees, job.model)
 
 
+def conclude(job: Job, summary: RunSummary) -> None:
+    """End a local run: fail it if, over all workers, more chunks were absent than
+    tolerated; else add the summary to run.json and release the output."""
+    limit = job.config.max_absent_chunks
+    for name, count in summary.totals()["absent_chunks"].items():
+        if count > limit:
+            volume = job.em if name == "em" else job.segmentation
+            raise AbsentChunksError(f"{volume.name} {volume.spec.get('kvstore', '')}: {count} "
+                                    f"storage chunks inside the box are absent, more than the "
+                                    f"{limit} tolerated (--max-absent-chunks)")
+    path = join(job.config.output, RUN_FILE)
+    _write_json(path, {**_run_record(job), "summary": summary.totals()})
+    job.finish()
+
+
+@contextlib.contextmanager
+def owned(job: Job) -> Iterator[None]:
+    """While the job runs from here: if anything fails, what it wrote is removed and the
+    output released, so a failed run leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        job.discard()
+        raise
+
+
 def submitted(result, job: Job) -> RunSummary:
     """The summary of a job handed to a remote runner: nothing counted yet."""
     return RunSummary(result, {}, {}, 0.0, job.trees, job.model)
+
+
+# The project's errors about its inputs, as they appear in a failed Beam job's message.
+_INPUT_ERRORS = ("PointsError", "SegmentAbsentError", "PointOutsideError", "AbsentChunksError",
+                 "NothingToWriteError", "ManifestError", "VolumeError", "ConfigError")
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost message of a failed job that names an input, once.
+
+    A stage's error reaches the driver wrapped (and, from worker processes, as the text of
+    the worker's traceback); this finds the project's own error in it.
+    """
+    seen = error
+    while seen.__cause__ is not None or seen.__context__ is not None:
+        seen = seen.__cause__ or seen.__context__
+    for candidate in (seen, error):
+        if type(candidate).__name__ in _INPUT_ERRORS:
+            return str(candidate).split(" [while running")[0].strip()
+    text = f"{error}\n{seen}"
+    found = re.findall(r"(?:^|\s)(?:\w+\.)*(" + "|".join(_INPUT_ERRORS) + r"): (.+)", text)
+    if found:
+        return found[-1][1].split(" [while running")[0].strip()
+    return f"{type(seen).__name__}: {str(seen).strip().splitlines()[-1] if str(seen).strip() else ''}"

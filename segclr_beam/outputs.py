@@ -171,6 +171,10 @@ def write_tfrecord(path: str, table: EmbeddingTable, radius_nm: float | None,
             out.write(shards.tfrecord(example.SerializeToString(deterministic=True)))
 
 
+class NothingToWriteError(ValueError):
+    """A run would write output trees without any embedding."""
+
+
 class _Written(NamedTuple):
     """What one shard writer put in the staging directory."""
 
@@ -300,7 +304,12 @@ class _Trees:
         return name
 
     def finalize(self, written: list[_Written]) -> list[str]:
-        """Write the empty TFRecord shards, put every file in place, info.json last."""
+        """Write the empty TFRecord shards, put every file in place, info.json last.
+
+        Refuses (NothingToWriteError) to write trees without a single embedding."""
+        if not written:
+            raise NothingToWriteError(f"{self.staging.root}: no embeddings to write (every "
+                                      "point was left out, or there were none)")
         o = self.options
         files, markers = {}, {}
         for variant, radius in sorted(self.variants.items()):

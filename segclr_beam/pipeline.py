@@ -11,27 +11,26 @@ from __future__ import annotations
 import time
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import StandardOptions
 
-from segclr_beam import cutouts, inference, manifest
+from segclr_beam import inference, manifest
 from segclr_beam.config import EmbedConfig
-from segclr_beam.job import (Job, RunSummary, describe_run, make_points, prepare, record_run,
-                             submitted, summarize, write_results)
-from segclr_beam.runner import LOCAL_RUNNER, pipeline_options
+from segclr_beam.job import (Job, RunSummary, conclude, describe_run, make_cutouts, make_points,
+                             owned, prepare, record_run, submitted, summarize, write_results)
+from segclr_beam.runner import is_local, pipeline_options
 
 # Top-level step names, in data-flow order; the run summary reports time per step.
-STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write", "Manifest",
-          "Record")
+STAGES = ("Points", "CheckPoints", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write",
+          "Manifest", "Record")
 
 
-def build(pipeline: beam.Pipeline, job: Job) -> None:
-    """Add the job's stages to `pipeline`."""
+def build(pipeline: beam.Pipeline, job: Job, release: bool = True) -> None:
+    """Add the job's stages to `pipeline`; with `release` the last one releases the output's
+    lock (for a run the driver does not wait for)."""
     config = job.config
     sample_points = make_points(pipeline, job, config.segments)
-    masked = sample_points | "Cutouts" >> cutouts.MakeCutouts(
-        job.em, job.segmentation, config.block_size, config.cutout_size)
+    masked = make_cutouts(job, sample_points)
     embeddings = masked | "Embed" >> inference.Embed(job.model_dir, config.batch_size)
-    trees = write_results(job, sample_points, embeddings)
+    written = write_results(job, sample_points, embeddings)
     fingerprints = manifest.Fingerprints(
         job.segmentation, manifest.fingerprint_box(job.bbox, config.cutout_size),
         config.chunk_size)
@@ -39,18 +38,25 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
                                    config.bytewidth)
     recorded = ({"cutouts": masked, "embeddings": embeddings}
                 | "Manifest" >> manifest.RecordManifest(fingerprints, job.model, write))
-    record_run(job, [trees, recorded])
+    record_run(job, [written, recorded], release)
 
 
 def run(config: EmbedConfig, beam_args: list[str] | None = None, gpu=None) -> RunSummary:
-    """Check, build and run the job. Locally it waits and reports; elsewhere it submits."""
-    job = prepare(config)
+    """Check, build and run the job. Locally it waits and reports; elsewhere it submits.
+
+    A local run that fails leaves nothing at the output (job.owned).
+    """
     options = pipeline_options(beam_args or [], gpu)
-    start = time.monotonic()
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline, job)
-    result = pipeline.run()
-    if options.view_as(StandardOptions).runner != LOCAL_RUNNER:
-        return submitted(result, job)
-    result.wait_until_finish()
-    return summarize(result, job, time.monotonic() - start, STAGES)
+    local = is_local(options)
+    job = prepare(config)
+    with owned(job):
+        start = time.monotonic()
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, job, release=not local)
+        result = pipeline.run()
+        if not local:
+            return submitted(result, job)
+        result.wait_until_finish()
+        summary = summarize(result, job, time.monotonic() - start, STAGES)
+        conclude(job, summary)
+    return summary

@@ -170,9 +170,9 @@ def _integer(cell, what: str, where: str, whole_float: bool = False) -> int:
     raise PointsError(f"{where}: {what} must be an integer, got {cell!r}")
 
 
-def _row(values: dict, where: str, has_node_id: bool) -> TableRow:
+def _row(values: dict, where: str, has_node_id: bool, avro: bool = False) -> TableRow:
     segment_id = _integer(values["segment_id"], "segment_id", where)
-    if -(1 << 63) <= segment_id < 0:
+    if avro and -(1 << 63) <= segment_id < 0:
         segment_id = as_uint64(segment_id)  # a uint64 stored in an Avro long
     if not 0 < segment_id < 1 << 64:
         raise PointsError(f"{where}: segment_id must be in 1 .. 2**64-1, got {segment_id}")
@@ -189,7 +189,13 @@ def read_table(path: str) -> Iterator[TableRow]:
     """The rows of a CSV (with a header line) or Avro points table.
 
     Extra columns are ignored. Errors name the file and the line (CSV) or record (Avro).
+    Segment ids are unsigned 64-bit (in Avro, a long with the same bits).
     """
+    return (row for _, row in located_rows(path))
+
+
+def located_rows(path: str) -> Iterator[tuple[str, TableRow]]:
+    """(where, row) of each row of a table; `where` is "path:line" or "path: record N"."""
     columns = _header(path)
     has_node_id = "node_id" in columns
     with FileSystems.open(path) as f:
@@ -198,7 +204,8 @@ def read_table(path: str) -> Iterator[TableRow]:
             index = 0
             try:
                 for index, record in enumerate(records, start=1):
-                    yield _row(record, f"{path}: record {index}", has_node_id)
+                    where = f"{path}: record {index}"
+                    yield where, _row(record, where, has_node_id, avro=True)
             except (ValueError, EOFError, zlib.error) as e:
                 if isinstance(e, PointsError):
                     raise
@@ -213,9 +220,29 @@ def read_table(path: str) -> Iterator[TableRow]:
                     continue
                 if len(cells) != len(columns):
                     raise PointsError(f"{where}: {len(cells)} fields, the header has {len(columns)}")
-                yield _row(dict(zip(columns, cells)), where, has_node_id)
+                yield where, _row(dict(zip(columns, cells)), where, has_node_id)
         except (csv.Error, UnicodeDecodeError) as e:
             raise PointsError(f"{path}:{lines.line_num + 1}: unreadable: {e}") from None
+
+
+def _identities(located: tuple[str, TableRow], has_node_id: bool) -> Iterator[tuple]:
+    """What must be unique about a row, each keyed with where the row is: its segment and
+    position, and its segment and node id (if the table has node ids)."""
+    where, r = located
+    yield ("position", r.segment_id, r.x, r.y, r.z), where
+    if has_node_id:
+        yield ("node", r.segment_id, r.node_id), where
+
+
+def check_unique(identity: tuple, wheres: Iterable[str]) -> list:
+    """Raise PointsError naming two rows that share `identity`; nothing otherwise."""
+    wheres = sorted(wheres)
+    if len(wheres) > 1:
+        what = (f"node id {identity[2]}" if identity[0] == "node"
+                else f"position {tuple(identity[2:])}")
+        raise PointsError(f"{wheres[1]}: repeats segment {identity[1]} {what} of {wheres[0]}"
+                          + (f" ({len(wheres)} rows in all)" if len(wheres) > 2 else ""))
+    return []
 
 
 def number_nodes(segment_id: int, rows: Iterable[TableRow]) -> list[Point]:
@@ -228,8 +255,15 @@ def read_points(pattern: str, segment_ids: Collection[int] | None = None) -> lis
     """All points of the tables matching `pattern`, sorted; the plain-Python `ReadPoints`."""
     tables = _match(pattern)
     has_node_id = _node_ids_given(tables)
-    rows = [r for t in tables for r in read_table(t)
-            if segment_ids is None or r.segment_id in segment_ids]
+    located = [(w, r) for t in tables for w, r in located_rows(t)
+               if segment_ids is None or r.segment_id in segment_ids]
+    seen: dict[tuple, list[str]] = {}
+    for item in located:
+        for identity, where in _identities(item, has_node_id):
+            seen.setdefault(identity, []).append(where)
+    for identity, wheres in seen.items():
+        check_unique(identity, wheres)
+    rows = [r for _, r in located]
     if has_node_id:
         return sorted(Point(*r) for r in rows)
     by_segment: dict[int, list[TableRow]] = {}
@@ -314,13 +348,21 @@ class ReadPoints(beam.PTransform):
     def expand(self, pbegin):
         if self._skeletons is not None:
             return self._from_skeletons(pbegin)
-        rows = (pbegin
-                | "Tables" >> beam.Create(self._tables)
-                | "SpreadTables" >> beam.Reshuffle()
-                | "ReadRows" >> beam.FlatMap(read_table))
+        located = (pbegin
+                   | "Tables" >> beam.Create(self._tables)
+                   | "SpreadTables" >> beam.Reshuffle()
+                   | "ReadRows" >> beam.FlatMap(located_rows))
         if self._segment_ids is not None:
-            rows = rows | "AllowedSegments" >> beam.Filter(
-                lambda r, ids: r.segment_id in ids, self._segment_ids)
+            located = located | "AllowedSegments" >> beam.Filter(
+                lambda item, ids: item[1].segment_id in ids, self._segment_ids)
+        repeated = (located
+                    | "Identities" >> beam.FlatMap(_identities, self._has_node_id)
+                    | "GroupIdentities" >> beam.GroupByKey()
+                    | "Unique" >> beam.FlatMapTuple(check_unique))
+        # Rows go on only once every row is known to be unique (a side input is complete
+        # before the step that reads it starts).
+        rows = located | "Rows" >> beam.Map(lambda item, _: item[1],
+                                            beam.pvalue.AsList(repeated))
         if self._has_node_id:
             return rows | "ToPoints" >> beam.Map(lambda r: Point(*r))
         return (rows
@@ -339,6 +381,72 @@ class ReadPoints(beam.PTransform):
                 | "SpreadSegments" >> beam.Reshuffle()
                 | "Sample" >> beam.ParDo(_SkeletonPoints(
                     self._skeletons, self._resolution, self._spacing_nm)))
+
+
+class _SegmentsSeen(beam.CombineFn):
+    """Distinct segment ids -> (how many, the largest, those of an allow-list among them)."""
+
+    def __init__(self, allowed: frozenset[int] | None):
+        self._allowed = allowed or frozenset()
+
+    def create_accumulator(self):
+        return 0, 0, frozenset()
+
+    def add_input(self, accumulator, segment_id):
+        count, largest, listed = accumulator
+        if segment_id in self._allowed:
+            listed = listed | {segment_id}
+        return count + 1, max(largest, segment_id), listed
+
+    def merge_accumulators(self, accumulators):
+        accumulators = list(accumulators)
+        return (sum(a[0] for a in accumulators), max(a[1] for a in accumulators),
+                frozenset().union(*(a[2] for a in accumulators)))
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+class CheckPoints(beam.PTransform):
+    """Points -> the same points, passed on only once all of them are known to make sense.
+
+    Refuses (PointsError, failing the job before any cutout is made) no points at all, ids
+    of the allow-list `segment_ids` that have no point, and segment ids that do not fit the
+    output's shard hash `bytewidth`. `source` says where the points come from, for the
+    messages. Counts the points and segments (counters `points`, `segments`).
+    """
+
+    def __init__(self, source: str, segment_ids: Collection[int] | None, bytewidth: int):
+        super().__init__()
+        self._source, self._bytewidth = source, bytewidth
+        self._allowed = None if segment_ids is None else frozenset(map(int, segment_ids))
+
+    def _verdict(self, points: int, seen: tuple) -> bool:
+        segments, largest, listed = seen
+        beam.metrics.Metrics.counter("segclr", "points").inc(points)
+        beam.metrics.Metrics.counter("segclr", "segments").inc(segments)
+        if self._allowed is not None and len(listed) < len(self._allowed):
+            missing = sorted(self._allowed - listed)
+            raise PointsError(
+                f"segments: {len(missing)} of the {len(self._allowed)} listed segment ids have "
+                f"no point in {self._source}: {', '.join(map(str, missing[:10]))}"
+                f"{', ...' if len(missing) > 10 else ''} (not there, or too small to sample)")
+        if points == 0:
+            raise PointsError(f"{self._source}: no points, so nothing to embed")
+        try:
+            shards.segment_hash(largest, self._bytewidth)
+        except ValueError as e:
+            raise PointsError(f"bytewidth: {e}") from None
+        return True
+
+    def expand(self, points):
+        count = points | "CountPoints" >> beam.combiners.Count.Globally()
+        seen = (points
+                | "SegmentIds" >> beam.Map(lambda p: p.segment_id)
+                | "DistinctSegments" >> beam.Distinct()
+                | "SegmentsSeen" >> beam.CombineGlobally(_SegmentsSeen(self._allowed)))
+        verdict = count | "Verdict" >> beam.Map(self._verdict, beam.pvalue.AsSingleton(seen))
+        return points | "Checked" >> beam.Map(lambda p, _: p, beam.pvalue.AsSingleton(verdict))
 
 
 def shard_paths(path: str, num_shards: int) -> list[str]:

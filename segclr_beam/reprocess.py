@@ -34,21 +34,22 @@ from typing import Collection, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from segclr_beam import cutouts, inference, pipeline, shards
+from segclr_beam import inference, pipeline, shards
 from segclr_beam.config import ConfigError, EmbedConfig
-from segclr_beam.job import (Job, RunSummary, counters, describe_run, make_points, prepare,
-                             record_run, submitted, summarize, write_results)
+from segclr_beam.job import (REPROCESS_DIR, Job, RunSummary, conclude, counters, describe_run,
+                             make_cutouts, make_points, owned, prepare, record_run, submitted,
+                             summarize, write_results)
 from segclr_beam.manifest import (NODES, SEGMENTS, Fingerprints, Manifest, ManifestError,
                                   NodeRecord, ReadTable, SegmentRecord, WriteManifest,
                                   cutout_digest, cutout_key, differences, fingerprint_box,
                                   read_table_file)
 from segclr_beam.records import Point, as_long, as_uint64
-from segclr_beam.runner import LOCAL_RUNNER, DataflowGpu, pipeline_options
+from segclr_beam.runner import DataflowGpu, is_local, pipeline_options
 from segclr_beam.shards import delete_tree, join
 
-STAGING = ".reprocess"  # under the new output root while reprocessing; removed at the end
+STAGING = REPROCESS_DIR  # under the new output root while reprocessing; removed at the end
 # Top-level step names of the second job, in data-flow order, for the seconds per step.
 STAGES = ("Classify", "SplitPrevious", "Points", "Embed", "WritePoints", "Aggregate", "Write",
           "Manifest", "Record")
@@ -280,8 +281,7 @@ class EmbedChanged(beam.PTransform):
     def __init__(self, job: Job, cache: beam.PCollection):
         super().__init__()
         config = job.config
-        self._cutouts = cutouts.MakeCutouts(job.em, job.segmentation, config.block_size,
-                                            config.cutout_size, keyed=True)
+        self._job = job
         self._embed = inference.Embed(job.model_dir, config.batch_size)
         self._key = cutout_key(job.model)
         self._cache = cache
@@ -291,8 +291,7 @@ class EmbedChanged(beam.PTransform):
                        "stale": self._cache}
                       | "JoinByPosition" >> beam.CoGroupByKey()
                       | "Candidates" >> beam.FlatMapTuple(_with_candidates))
-        looked_up = (candidates
-                     | "Cutouts" >> self._cutouts
+        looked_up = (make_cutouts(self._job, candidates, keyed=True)
                      | "Reuse" >> beam.ParDo(_Reuse(self._key)).with_outputs(
                          _REUSED, main="misses"))
         embedded = (looked_up.misses
@@ -314,9 +313,10 @@ def _current_segment(change: Change) -> Iterator[SegmentRecord]:
 
 
 def build(p: beam.Pipeline, job: Job, previous: Manifest, changes: beam.PCollection,
-          to_embed: Collection[int], description: dict, staging: str) -> None:
+          to_embed: Collection[int], description: dict, staging: str,
+          release: bool = True) -> None:
     """Add the reprocessing stages to `p`: carry over, re-embed `to_embed`, write everything,
-    remove `staging`, and record the run last."""
+    remove `staging`, and record the run last (releasing the output's lock with `release`)."""
     config = job.config
     files = [(f.shard, (previous.file_path(f), f)) for f in previous.files(NODES)]
     split = ({"file": p | "PreviousNodeFiles" >> beam.Create(files),
@@ -325,7 +325,7 @@ def build(p: beam.Pipeline, job: Job, previous: Manifest, changes: beam.PCollect
              | "SplitPrevious" >> beam.ParDo(_SplitPrevious()).with_outputs(_STALE, main="carried"))
     nodes = [split.carried]
     if to_embed:
-        nodes.append(make_points(p, job, to_embed)
+        nodes.append(make_points(p, job, to_embed, checked=False)
                      | "Embed" >> EmbedChanged(job, split[_STALE]))
     nodes = nodes | "AllNodes" >> beam.Flatten()
     embeddings = nodes | "Embeddings" >> beam.Map(lambda r: (r.point, r.embedding))
@@ -338,7 +338,7 @@ def build(p: beam.Pipeline, job: Job, previous: Manifest, changes: beam.PCollect
                | "Written" >> beam.Flatten()
                | "AllOutputs" >> beam.combiners.ToList()
                | "RemoveStaging" >> beam.Map(lambda _, path: delete_tree(path), staging))
-    record_run(job, [cleaned])
+    record_run(job, [cleaned], release)
 
 
 # The job -------------------------------------------------------------------------------------
@@ -399,12 +399,21 @@ def _read_changes(path: str) -> Iterator[Change]:
         yield from map(_change_from_avro, shards.read_avro(f.read()))
 
 
-def _classify(job: Job, previous: Manifest, staging: str, beam_args: list[str],
-              gpu: DataflowGpu | None) -> tuple[list[int], dict[str, int]]:
+def _classify(job: Job, previous: Manifest, staging: str, options: PipelineOptions
+              ) -> tuple[list[int], dict[str, int]]:
     """The first job: fingerprints of the new version, classified and staged. Returns the ids
     to skeletonize (changed and new segments that are large enough) and the counters."""
+    p = classify_pipeline(job, previous, staging, options)
+    result = p.run()
+    result.wait_until_finish()
+    return _read_ids(join(staging, _TO_EMBED)), counters(result)
+
+
+def classify_pipeline(job: Job, previous: Manifest, staging: str,
+                      options: PipelineOptions) -> beam.Pipeline:
+    """The first job's pipeline: fingerprint, classify, stage the changes and the ids."""
     config = job.config
-    p = beam.Pipeline(options=pipeline_options(beam_args, gpu))
+    p = beam.Pipeline(options=options)
     current = p | "Fingerprints" >> Fingerprints(
         job.segmentation, fingerprint_box(job.bbox, config.cutout_size), config.chunk_size)
     changes = ({"previous": p | "PreviousSegments" >> ReadTable(previous, SEGMENTS),
@@ -419,26 +428,28 @@ def _classify(job: Job, previous: Manifest, staging: str, beam_args: list[str],
              and c.voxels >= least else [], config.min_voxels)
          | "StageIds" >> beam.io.WriteToText(join(staging, _TO_EMBED),
                                              num_shards=1, shard_name_template=""))
-    result = p.run()
-    result.wait_until_finish()
-    return _read_ids(join(staging, _TO_EMBED)), counters(result)
+    return p
 
 
 def _reusing_job(manifest: Manifest, config: EmbedConfig) -> tuple[Job, dict]:
     """The job for `config` and its manifest description, once it is clear that the previous
     run's embeddings are valid for it: every refusal comes before any work."""
     job = prepare(config)
-    description = describe_run(job)
-    differing = differences(manifest.parameters, description["parameters"])
-    if differing:
-        raise ConfigError(f"cannot reuse the run at {manifest.root}: " + "; ".join(differing)
-                          + ". Pass --full to embed every segment again")
-    for name in ("points", "segments"):
-        if getattr(config, name) is not None:
-            raise ConfigError(f"{name}: reprocessing needs a run that skeletonized every "
-                              f"segment of its box; {manifest.root} used {name}="
-                              f"{getattr(config, name)}. Pass --full to embed again")
-    manifest.check_files()
+    try:
+        description = describe_run(job)
+        differing = differences(manifest.parameters, description["parameters"])
+        if differing:
+            raise ConfigError(f"cannot reuse the run at {manifest.root}: "
+                              + "; ".join(differing) + ". Pass --full to embed every segment again")
+        for name in ("points", "segments"):
+            if getattr(config, name) is not None:
+                raise ConfigError(f"{name}: reprocessing needs a run that skeletonized every "
+                                  f"segment of its box; {manifest.root} used {name}="
+                                  f"{getattr(config, name)}. Pass --full to embed again")
+        manifest.check_files()
+    except BaseException:
+        job.finish()  # nothing written yet: only the lock is released
+        raise
     return job, description
 
 
@@ -486,30 +497,33 @@ def reprocess(previous: str, overrides: dict, *, full: bool = False,
         _LOG.warning("skeletons are not written when reprocessing (only changed segments are "
                      "skeletonized); use --full to write them")
         config = dataclasses.replace(config, write_skeletons=False)
-    job, description = _reusing_job(manifest, config)
-
     beam_args = list(beam_args or [])
-    staging = join(config.output, STAGING)
-    delete_tree(staging)
-    classified: dict[str, int] = {}
-    if changed_ids is None:
-        to_embed, classified = _classify(job, manifest, staging, beam_args, gpu)
-    else:
-        changed_ids = to_embed = sorted(set(map(int, changed_ids)))
     options = pipeline_options(beam_args, gpu)
-    p = beam.Pipeline(options=options)
-    changes = _changes(p, job, manifest, staging, changed_ids, removed_ids)
-    build(p, job, manifest, changes, to_embed, description, staging)
-    result = p.run()
-    if options.view_as(StandardOptions).runner != LOCAL_RUNNER:  # submitted; it records itself
-        summary = submitted(result, job)
-        summary.counters.update(classified)
-        classes = _classes(classified) if changed_ids is None else {}  # else: still running
-        return ReprocessSummary(summary, classes, len(to_embed), False)
-    result.wait_until_finish()
-    summary = summarize(result, job, time.monotonic() - start, STAGES)
-    for name, value in classified.items():
-        summary.counters[name] = summary.counters.get(name, 0) + value
+    # The fingerprint pass runs no model: the same workers without GPUs.
+    first_options = pipeline_options(beam_args, gpu, accelerator=False)
+    local = is_local(options)
+    job, description = _reusing_job(manifest, config)
+    with owned(job):
+        staging = join(config.output, STAGING)
+        classified: dict[str, int] = {}
+        if changed_ids is None:
+            to_embed, classified = _classify(job, manifest, staging, first_options)
+        else:
+            changed_ids = to_embed = sorted(set(map(int, changed_ids)))
+        p = beam.Pipeline(options=options)
+        changes = _changes(p, job, manifest, staging, changed_ids, removed_ids)
+        build(p, job, manifest, changes, to_embed, description, staging, release=not local)
+        result = p.run()
+        if not local:  # submitted; it records itself
+            summary = submitted(result, job)
+            summary.counters.update(classified)
+            classes = _classes(classified) if changed_ids is None else {}  # else: still running
+            return ReprocessSummary(summary, classes, len(to_embed), False)
+        result.wait_until_finish()
+        summary = summarize(result, job, time.monotonic() - start, STAGES)
+        for name, value in classified.items():
+            summary.counters[name] = summary.counters.get(name, 0) + value
+        conclude(job, summary)
     classes = _classes(summary.counters)
     _LOG.info("reprocessed %s from %s: %s segments; %d re-embedded", config.output,
               manifest.root, classes, len(to_embed))

@@ -71,8 +71,9 @@ def is_local(options: PipelineOptions) -> bool:
     return name is None or name.split(".")[-1] in LOCAL_RUNNERS
 
 
-def check_beam_args(beam_args: Sequence[str]) -> None:
-    """Raise ValueError naming the first flag that no Beam pipeline option knows.
+def check_beam_args(beam_args: Sequence[str], also: Sequence[str] = ()) -> None:
+    """Raise ValueError naming the first flag that no Beam pipeline option knows (with the
+    closest of Beam's flags and `also`, a command's own, as a hint).
 
     Beam itself only logs such flags and goes on with defaults, so a mistyped flag of a
     command (which passes the flags it does not know to Beam) would be silently ignored.
@@ -82,7 +83,7 @@ def check_beam_args(beam_args: Sequence[str]) -> None:
         cls._add_argparse_args(parser)  # as PipelineOptions.get_all_options collects them
     _, unknown = parser.parse_known_args(list(beam_args))
     if unknown:
-        known = [o for action in parser._actions for o in action.option_strings]
+        known = [o for action in parser._actions for o in action.option_strings] + list(also)
         name = unknown[0].split("=", 1)[0]
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -252,6 +252,7 @@ class Volume:
     bounds: Box
     dtype: np.dtype
     reader: str = TENSORSTORE  # which library reads it: TENSORSTORE or CLOUD_VOLUME
+    kind: str | None = None    # what its metadata says it holds (precomputed "type"), if it says
     _store: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __getstate__(self):
@@ -444,6 +445,11 @@ def _cloud_path(spec: dict) -> str:
     return url
 
 
+def _where(volume: Volume) -> str:
+    kvstore = volume.spec.get("kvstore")
+    return kvstore if isinstance(kvstore, str) else json.dumps(volume.spec)[:200]
+
+
 def _fmt(res: Sequence[float]) -> str:
     return " x ".join(f"{v:g}" for v in res)
 
@@ -468,10 +474,17 @@ def open_volume(source: str | dict, name: str,
         raise VolumeError(f"{name}: {e}") from None
     if not isinstance(spec, dict) or "driver" not in spec:
         raise VolumeError(f"{name}: malformed TensorStore spec (no 'driver'): {spec!r}")
+    try:
+        ts.Spec(spec)  # the spec's shape, before anything is opened
+    except ValueError as e:  # TensorStore's message names the member
+        raise VolumeError(f"{name}: malformed TensorStore spec {json.dumps(spec)[:200]}: {e}"
+                          ) from None
     resolution = tuple(float(v) for v in resolution)
     reader = TENSORSTORE
+    kind = None
     if spec["driver"] == "neuroglancer_precomputed":
         info = _precomputed_info(spec, name)
+        kind = info.get("type")
         if "scale_index" not in spec:
             spec = {**spec, "scale_index": _precomputed_scale(info, name, resolution)}
         reader = _precomputed_reader(spec, info, name)
@@ -487,7 +500,7 @@ def open_volume(source: str | dict, name: str,
                         _fmt(resolution))
     elif not np.allclose(found, resolution, rtol=1e-3):
         raise VolumeError(f"{name}: resolution {_fmt(found)} nm, requested {_fmt(resolution)} nm")
-    volume = Volume(name, spec, resolution, store.bounds, store.dtype, reader, store)
+    volume = Volume(name, spec, resolution, store.bounds, store.dtype, reader, store, kind)
     logging.info("%s", volume.describe())
     return volume
 
@@ -501,6 +514,11 @@ def open_volumes(em_source: str | dict, segmentation_source: str | dict,
         raise VolumeError(f"EM: dtype must be uint8, found {em.dtype}")
     if not np.issubdtype(segmentation.dtype, np.integer):
         raise VolumeError(f"segmentation: dtype must be an integer type, found {segmentation.dtype}")
+    if segmentation.spec == em.spec:
+        raise VolumeError("segmentation: is the EM volume itself; give the segmentation's path")
+    if segmentation.kind == "image":
+        raise VolumeError(f"segmentation: {_where(segmentation)} is an image volume (its info "
+                          "says type \"image\"), not a segmentation")
     if em.bounds.intersect(segmentation.bounds).is_empty():
         raise VolumeError(
             f"EM voxels {em.bounds} and segmentation voxels {segmentation.bounds} do not overlap")
