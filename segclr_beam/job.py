@@ -346,7 +346,7 @@ class RunSummary:
         """What was made, from the counters: the summary run.json records."""
         c = self.counters
         return {
-            "segments": c.get("segments", 0), "points": c.get("points", 0),
+            "segments": c.get("segments_with_points", 0), "points": c.get("points_written", 0),
             "cutouts": c.get("cutouts_emitted", 0), "embeddings": c.get("embeddings", 0),
             "points_segment_absent": c.get("cutouts_segment_absent", 0),
             "absent_chunks": {"em": c.get("absent_chunks_em", 0),

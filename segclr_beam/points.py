@@ -469,7 +469,12 @@ class _PointsFiles:
         return [shards.shard_of(point.segment_id, len(self.names), _BYTEWIDTH)]
 
     def write(self, shard: int, points: Iterable[Point]) -> int:
+        points = list(points)
         shards.write_file(self.staging.temp_path("", self.names[shard]), encode_avro(points))
+        # A shard holds whole segments, so these add up to the run's points and segments.
+        beam.metrics.Metrics.counter("segclr", "points_written").inc(len(points))
+        beam.metrics.Metrics.counter("segclr", "segments_with_points").inc(
+            len({p.segment_id for p in points}))
         return shard
 
     def finalize(self, written: list[int]) -> list[str]:

@@ -500,7 +500,7 @@ def open_volume(source: str | dict, name: str,
                         _fmt(resolution))
     elif not np.allclose(found, resolution, rtol=1e-3):
         raise VolumeError(f"{name}: resolution {_fmt(found)} nm, requested {_fmt(resolution)} nm")
-    volume = Volume(name, spec, resolution, store.bounds, store.dtype, reader, store, kind)
+    volume = Volume(name, spec, resolution, store.bounds, store.dtype, reader, kind, store)
     logging.info("%s", volume.describe())
     return volume
 
