@@ -16,6 +16,9 @@ and are meant to be consumed in the same fused stage by the model: at any moment
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import time
 import zlib
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -31,6 +34,7 @@ DEFAULT_CUTOUT_SIZE = 129
 DEFAULT_MAX_POINTS_PER_GROUP = 4096
 
 Cutout = tuple[Point, np.ndarray]
+_LOG = logging.getLogger(__name__)
 
 
 class PointOutsideError(ValueError):
@@ -257,6 +261,25 @@ class CutoutReader:
         return result
 
 
+class Progress:
+    """Log lines of a worker's progress through a stage, at most one per `every` seconds.
+
+    Beam's counters reach a local driver only when the run ends, so each worker logs what it
+    made itself, against the stage's total (known to every worker from a side input).
+    """
+
+    def __init__(self, what: str, every: float = 10.0):
+        self._what, self._every = what, every
+        self._last = time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._every:
+            self._last = now
+            _LOG.info("%s: %d made by worker %d, of %d points in all", self._what, done,
+                      os.getpid(), total)
+
+
 def group_key(point: Point, block_size: int, groups: int = 1) -> tuple[int, int, int, int]:
     """(block x, y, z, sub-group): a block's points spread over `groups` groups by a hash."""
     sub = zlib.crc32(f"{point.segment_id}:{point.node_id}".encode()) % groups if groups > 1 else 0
@@ -304,8 +327,13 @@ class _CutFn(beam.DoFn):
                                     self._skip_absent, self._max_absent)
         self._counters = {field: beam.metrics.Metrics.counter("segclr", name)
                           for field, name in self._COUNTERS.items()}
+        self._progress = Progress("cutouts")
 
-    def process(self, element):
+    def process(self, element, total: int):
+        yield from self._cut(element)
+        self._progress.update(self._reader.stats.cutouts, total)
+
+    def _cut(self, element):
         _, members = element
         before = dataclasses.replace(self._reader.stats)
         if self._keyed:
@@ -356,6 +384,7 @@ class MakeCutouts(beam.PTransform):
                  | "BlockOf" >> beam.Map(lambda e: (block_of(_point(e, keyed), block_size), 1))
                  | "CountPerBlock" >> beam.CombinePerKey(sum)
                  | "DenseBlocks" >> beam.Filter(lambda block_count: block_count[1] > limit))
+        total = points | "CountPoints" >> beam.combiners.Count.Globally()
         return (points
                 | "KeyByGroup" >> beam.ParDo(
                     _KeyByGroupFn(self._em.bounds, self._segmentation.bounds, block_size, limit,
@@ -363,4 +392,5 @@ class MakeCutouts(beam.PTransform):
                     dense=beam.pvalue.AsDict(dense))
                 | "GroupByBlock" >> beam.GroupByKey()
                 | "Cut" >> beam.ParDo(_CutFn(self._em, self._segmentation, self._cutout_size,
-                                             keyed, self._skip_absent, self._max_absent)))
+                                             keyed, self._skip_absent, self._max_absent),
+                                      total=beam.pvalue.AsSingleton(total)))

@@ -76,3 +76,30 @@ def test_worker_processes_get_their_share_of_the_cores(cores):
         found = p | beam.Create(range(40)) | beam.Reshuffle() | beam.Map(
             lambda _: (os.getpid(), os.environ.get(variable)))
         assert_that(found, check)
+
+
+@pytest.mark.parametrize("runner_name, local", [
+    (None, True), ("FnApiRunner", True), ("DirectRunner", True),
+    ("BundleBasedDirectRunner", True), ("PrismRunner", True), ("DataflowRunner", False)])
+def test_every_local_runner_is_waited_for(runner_name, local):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args = [] if runner_name is None else [f"--runner={runner_name}"]
+    assert runner.is_local(PipelineOptions(args)) is local
+
+
+def test_a_flag_no_one_knows_is_refused_with_a_hint():
+    with pytest.raises(ValueError, match=r"unrecognized argument --radi-nm \(did you mean "
+                                         r"--radii-nm\?\)"):
+        runner.check_beam_args(["--radi-nm", "5000"], also=["--radii-nm"])
+    with pytest.raises(ValueError, match="unrecognized argument --direct_num_worker=2"):
+        pipeline_options(["--direct_num_worker=2"])
+    runner.check_beam_args(["--runner=DataflowRunner", "--project=p", "--region", "r",
+                            "--experiments=a", "--experiments=b", "--dry_run=True"])
+
+
+def test_gpu_free_workers_keep_the_image():
+    gpu = runner.DataflowGpu("nvidia-l4", 1, "g2-standard-8", "img:1")
+    assert gpu.flags(accelerator=False) == ["--sdk_container_image=img:1",
+                                            "--experiments=use_runner_v2"]
+    assert any(f.startswith("--dataflow_service_options=worker_accelerator") for f in gpu.flags())

@@ -132,6 +132,47 @@ def test_malformed_spec(source, message):
         open_volume(source, "segmentation")
 
 
+def test_spec_of_the_wrong_shape_names_the_member():
+    with pytest.raises(VolumeError, match=r'segmentation: malformed TensorStore spec .*member '
+                                          r'"kvstore": Expected object, but received: 5'):
+        open_volume({"driver": "neuroglancer_precomputed", "kvstore": 5}, "segmentation")
+
+
+def test_image_volume_or_the_em_itself_is_no_segmentation(pair, tmp_path):
+    em_path, _, em_array, _ = pair
+    with pytest.raises(VolumeError, match="segmentation: is the EM volume itself"):
+        open_volumes(str(em_path), str(em_path))
+    write_precomputed(tmp_path / "grey", em_array.astype(np.uint16), offset=(5, 0, 0))
+    with pytest.raises(VolumeError, match=r"segmentation: file://.*/grey/ is an image volume"):
+        open_volumes(str(em_path), str(tmp_path / "grey"))
+
+
+def test_checked_reads_name_the_absent_chunks(pair, tmp_path):
+    _, seg_path, _, seg_array = pair  # 16^3 chunks from x = 5
+    (seg_path / "32_32_33" / "21-37_16-30_0-16").unlink()
+    seg = open_volume(str(seg_path), "segmentation")
+    box = Box((0, 10, 0), (40, 30, 20))
+    read = seg.read_async(box, check_absent=True)
+    got = read.result()
+    assert read.absent == [(21, 16, 0)]
+    assert not got[21:37, 6:20, 0:16].any()  # the array starts at voxel (0, 10, 0)
+    np.testing.assert_array_equal(got[5:21, :20], seg_array[:16, 10:30])
+    assert seg.read_async(Box((5, 0, 0), (21, 16, 16)), check_absent=True).absent == []
+
+
+def test_cloudvolume_checked_reads_name_the_absent_chunks(tmp_path):
+    array = block_labels((64, 64, 32))
+    url = write_with_cloudvolume(f"file://{tmp_path}/cv", array, "compressed_segmentation")
+    chunk = tmp_path / "cv" / "32_32_33" / "37-69_7-39_3-19.gz"
+    chunk.unlink()
+    seg = open_volume(url[len("file://"):], "segmentation")
+    assert seg.reader == "cloud-volume"
+    read = seg.read_async(Box((0, 0, 0), (80, 80, 40)), check_absent=True)
+    got = read.result()
+    assert read.absent == [(37, 7, 3)]
+    assert not got[37:69, 7:39, 3:19].any() and got[5:37, 7:39, 3:19].any()
+
+
 # ---------------------------------------------------------------- volumes cloud-volume writes
 
 CV_OFFSET, CV_CHUNK = (5, 7, 3), (32, 32, 16)  # unlike the project's 64^3 chunks at the origin
