@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
 
 import apache_beam as beam
 import numpy as np
@@ -280,3 +281,16 @@ def test_make_cutouts_rejects_bad_options(dataset, options, message):
     em, segmentation, *_ = dataset
     with pytest.raises(ValueError, match=message):
         MakeCutouts(em, segmentation, **options)
+
+
+def test_progress_lines_name_the_stage_total(caplog, monkeypatch):
+    from segclr_beam import cutouts
+
+    clock = iter([0.0, 5.0, 12.0, 13.0])
+    monkeypatch.setattr(cutouts.time, "monotonic", lambda: next(clock))
+    progress = cutouts.Progress("cutouts", every=10.0)
+    with caplog.at_level("INFO", logger="segclr_beam.cutouts"):
+        for done in (10, 130, 140):
+            progress.update(done, 265)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cutouts: 130 made by worker {os.getpid()}, of 265 points in all"]

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import struct
 
 import apache_beam as beam
@@ -16,8 +17,8 @@ import pytest
 import tensorstore as ts
 from osteoid import Skeleton
 
-from segclr_beam.points import (PointsError, ReadPoints, WritePoints, read_points, sample_nodes,
-                                shard_paths, write_avro)
+from segclr_beam.points import (CheckPoints, PointsError, ReadPoints, WritePoints, read_points,
+                                sample_nodes, shard_paths, write_avro)
 from segclr_beam.precomputed import SkeletonError, skeletons_info, to_precomputed
 from segclr_beam.records import Point
 
@@ -126,6 +127,7 @@ def test_allow_list_restricts_tables(tmp_path):
     ("1,2,3,4\n5,6,x7,8\n", ":3:", "x must be an integer, got 'x7'"),
     ("1,2,3,4\n5,6,7\n", ":3:", "3 fields, the header has 4"),
     ("1,2,3,4\n0,6,7,8\n", ":3:", "segment_id must be in 1"),
+    ("1,2,3,4\n-5,6,7,8\n", ":3:", "segment_id must be in 1 .. 2**64-1, got -5"),
     ("1,2,3,4\n5,6,7.5,8\n", ":3:", "x must be an integer, got '7.5'"),
 ])
 def test_unreadable_csv_names_the_file_and_line(tmp_path, rows, where, what):
@@ -136,6 +138,47 @@ def test_unreadable_csv_names_the_file_and_line(tmp_path, rows, where, what):
     assert f"{table}{where} {what}" in str(error.value)
     with pytest.raises(Exception, match=f"{table}{where}"):  # Beam wraps worker errors
         through_beam(tmp_path, ReadPoints(str(table)))
+
+
+@pytest.mark.parametrize("header, rows, message", [
+    ("segment_id,x,y,z", "7,1,2,3\n8,1,2,3\n7,1,2,3\n",
+     "a.csv:4: repeats segment 7 position (1, 2, 3) of {}a.csv:2"),
+    ("segment_id,node_id,x,y,z", "7,0,1,2,3\n7,0,4,5,6\n",
+     "a.csv:3: repeats segment 7 node id 0 of {}a.csv:2"),
+])
+def test_repeated_rows_are_named_by_file_and_line(tmp_path, header, rows, message):
+    (tmp_path / "a.csv").write_text(f"{header}\n{rows}")
+    expected = message.format(f"{tmp_path}/")
+    with pytest.raises(PointsError, match=re.escape(expected)):
+        read_points(str(tmp_path / "a.csv"))
+    with pytest.raises(Exception, match=re.escape(expected)):
+        through_beam(tmp_path, ReadPoints(str(tmp_path / "a.csv")))
+
+
+def checked(tmp_path, points, segment_ids=None, bytewidth=8):
+    with open(tmp_path / "points.avro", "wb") as f:
+        write_avro(f, points)
+    source = ReadPoints(str(tmp_path / "points.avro"))
+    return through_beam(tmp_path, source | CheckPoints("the test's points", segment_ids,
+                                                       bytewidth))
+
+
+def test_points_pass_the_check_only_if_there_are_any_of_every_listed_segment(tmp_path):
+    points = some_points(50)
+    assert checked(tmp_path, points) == sorted(points)
+    with pytest.raises(Exception, match=r"the test's points: no points, so nothing to embed"):
+        checked(tmp_path, [])
+    with pytest.raises(Exception, match=r"segments: 2 of the 3 listed segment ids have no point "
+                                         r"in the test's points: 5, 6 "):
+        checked(tmp_path, points, segment_ids=[1, 5, 6])
+
+
+def test_ids_too_wide_for_the_shard_hash_are_refused_before_any_cutout(tmp_path):
+    small = [Point(2**24 - 1, 0, 1, 2, 3)]
+    assert checked(tmp_path, small, bytewidth=3) == small
+    with pytest.raises(Exception, match=r"bytewidth: segment id 16777216 does not fit in "
+                                         r"bytewidth=3 bytes"):
+        checked(tmp_path, small + [Point(2**24, 0, 1, 2, 3)], bytewidth=3)
 
 
 def test_bad_headers_and_files_are_refused_before_running(tmp_path):
