@@ -19,7 +19,7 @@ from segclr_beam.job import (Job, RunSummary, conclude, describe_run, make_cutou
 from segclr_beam.runner import is_local, pipeline_options
 
 # Top-level step names, in data-flow order; the run summary reports time per step.
-STAGES = ("Points", "CheckPoints", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write",
+STAGES = ("Points", "CheckPoints", "Cutouts", "Embed", "WritePoints", "Aggregate", "Write",
           "Manifest", "Record")
 
 
@@ -30,7 +30,9 @@ def build(pipeline: beam.Pipeline, job: Job, release: bool = True) -> None:
     sample_points = make_points(pipeline, job, config.segments)
     masked = make_cutouts(job, sample_points)
     embeddings = masked | "Embed" >> inference.Embed(job.model_dir, config.batch_size)
-    written = write_results(job, sample_points, embeddings)
+    # The points file holds the embedded points: without those --skip-absent left out.
+    embedded = embeddings | "EmbeddedPoints" >> beam.Keys()
+    written = write_results(job, embedded, embeddings)
     fingerprints = manifest.Fingerprints(
         job.segmentation, manifest.fingerprint_box(job.bbox, config.cutout_size),
         config.chunk_size)

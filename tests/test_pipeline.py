@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +180,230 @@ def test_embed_command_names_the_missing_field(capsys):
 
     with pytest.raises(SystemExit, match="segclr-beam embed: segmentation: required"):
         cli.main(["embed", "--em", "x", "--model", "m", "--output", "o"])
+
+
+# Refusals, leftovers and reports ------------------------------------------------------------
+
+def _entries(out: Path) -> list[str]:
+    """What a run left at `out` (nothing for a failed or refused run)."""
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+def _embed_args(dataset, model_dir, out, *extra) -> list[str]:
+    return ["embed", "--em", dataset.em, "--segmentation", dataset.segmentation,
+            "--model", model_dir, "--output", str(out), "--bbox", ",".join(map(str, BBOX)),
+            "--chunk-size", "64", "--block-size", "64", "--cutout-size", str(CUTOUT),
+            "--batch-size", "8", "--num-shards", "16", "--bytewidth", "8", *extra]
+
+
+def test_points_whose_segment_is_absent_fail_naming_them_or_are_skipped(
+        local_run, synthetic_dataset, small_model, tmp_path):
+    from segclr_beam import cli
+
+    out, _ = local_run
+    sample = sorted(points.read_points(str(out / POINTS_FILE)))[::13][:12]
+    table = tmp_path / "table.csv"
+    rows = [f"{p.segment_id},{p.node_id},{p.x},{p.y},{p.z}" for p in sample]
+    rows.append(f"12345,0,{sample[0].x},{sample[0].y},{sample[0].z}")  # no such segment
+    table.write_text("segment_id,node_id,x,y,z\n" + "\n".join(rows) + "\n")
+    failed = tmp_path / "failed"
+    args = _embed_args(synthetic_dataset, small_model, failed, "--points", str(table))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    message = str(exit.value)
+    assert message.startswith("segclr-beam embed: 1 point(s) whose segment does not occur in "
+                              "its 33^3 cutout window")
+    assert (f"segment 12345 node 0 at voxel ({sample[0].x}, {sample[0].y}, {sample[0].z})"
+            in message and "Traceback" not in message)
+    assert _entries(failed) == []  # the failed run left nothing, not even its lock
+
+    summary = pipeline.run(_config(synthetic_dataset, small_model, tmp_path / "skipped",
+                                   points=str(table), skip_absent=True))
+    totals = summary.totals()
+    assert (totals["points_segment_absent"], totals["embeddings"], totals["points"]) == (1, 12, 12)
+    assert sorted(points.read_points(str(tmp_path / "skipped" / POINTS_FILE))) == sample
+    record = json.loads((tmp_path / "skipped" / RUN_FILE).read_text())
+    assert record["summary"]["points_segment_absent"] == 1
+
+
+def test_absent_segmentation_chunks_fail_the_run_or_are_counted(synthetic_dataset, small_model,
+                                                                tmp_path):
+    damaged = tmp_path / "segmentation"
+    shutil.copytree(synthetic_dataset.segmentation, damaged)
+    for name in ("0-64_0-64_0-64", "64-128_64-128_0-64", "0-64_64-128_64-128"):
+        (damaged / "32_32_33" / name).unlink()
+    config = _config(synthetic_dataset, small_model, tmp_path / "strict").updated(
+        {"segmentation": str(damaged)})
+    with pytest.raises(Exception, match=r"segmentation: 1 storage chunks inside the box are "
+                                         r"absent \(chunk origins \(\d+, \d+, \d+\)\), more than "
+                                         r"the 0 tolerated"):
+        pipeline.run(config)
+    assert _entries(tmp_path / "strict") == []
+    tolerant = config.updated({"output": str(tmp_path / "tolerant"), "max_absent_chunks": 3})
+    summary = pipeline.run(tolerant)
+    assert summary.totals()["absent_chunks"]["segmentation_skeletons"] == 3
+    assert "segmentation 3 (skeletons)" in summary.report()
+    record = json.loads((tmp_path / "tolerant" / RUN_FILE).read_text())
+    assert record["summary"]["absent_chunks"]["segmentation_skeletons"] == 3
+
+
+def _zero_segmentation(dataset, path: Path) -> str:
+    """A copy of the dataset's segmentation holding only background, every chunk stored."""
+    shutil.copytree(dataset.segmentation, path)
+    store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": f"file://{path}/",
+                     "store_data_equal_to_fill_value": True}).result()
+    store.write(np.zeros(store.shape, np.uint64)).result()
+    return str(path)
+
+
+def test_inputs_that_give_no_points_or_ids_that_do_not_fit_are_refused(
+        local_run, synthetic_dataset, small_model, tmp_path):
+    out, _ = local_run
+    present = points.read_points(str(out / POINTS_FILE))[0].segment_id
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("segment_id,x,y,z\n")
+    cases = [
+        ({"points": str(header_only)}, rf"points {header_only}: no points, so nothing to embed"),
+        ({"segments": (present, 12345)}, r"segments: 1 of the 2 listed segment ids have no point "
+                                         r"in the skeletons of segmentation .*: 12345 "),
+        ({"segmentation": _zero_segmentation(synthetic_dataset, tmp_path / "zeros")},
+         r"the skeletons of segmentation .*zeros in box .*: no points, so nothing to embed"),
+        ({"bytewidth": 3}, r"bytewidth: segment id \d+ does not fit in bytewidth=3 bytes"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        target = tmp_path / f"out{i}"
+        with pytest.raises(Exception, match=message):
+            pipeline.run(_config(synthetic_dataset, small_model, target).updated(change))
+        assert _entries(target) == [], change
+
+
+def test_damaged_model_and_mismatched_volumes_are_refused_before_work(synthetic_dataset,
+                                                                      small_model, tmp_path):
+    no_variables = tmp_path / "model"
+    shutil.copytree(small_model, no_variables, ignore=shutil.ignore_patterns("variables"))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=rf"model: {no_variables}: its variables cannot be "
+                                          "read"):
+        pipeline.run(_config(synthetic_dataset, str(no_variables), out))
+    assert _entries(out) == []
+    small_em = tmp_path / "em"
+    shutil.copytree(synthetic_dataset.em, small_em)
+    info = json.loads((small_em / "info").read_text())
+    info["scales"][0]["size"] = [128, 192, 128]  # the info says less than the data holds
+    (small_em / "info").write_text(json.dumps(info))
+    config = _config(synthetic_dataset, small_model, out).updated({"em": str(small_em)})
+    config.bbox = None
+    with pytest.raises(ConfigError, match=r"bbox: the EM's voxels \[0,0,0 \.\. 128,192,128\) "
+                                          r"and the segmentation's \[0,0,0 \.\. 192,192,128\) "
+                                          r"differ, so the whole volume is not one box; "
+                                          r"give --bbox \(their overlap is 0,0,0,128,192,128\)"):
+        pipeline.run(config)
+    with pytest.raises(ConfigError, match=r"bbox: .* leaves the EM's voxels"):
+        pipeline.run(config.updated({"bbox": (64, 0, 0, 160, 128, 96)}))
+    with pytest.raises(ConfigError, match="volumes: segmentation: is the EM volume itself"):
+        pipeline.run(config.updated({"segmentation": str(small_em)}))
+    assert _entries(out) == []
+
+
+def test_one_run_per_output_and_leftovers_removed_first(synthetic_dataset, small_model,
+                                                        tmp_path):
+    from segclr_beam.job import prepare
+    from segclr_beam.lock import LOCK_FILE, OutputLock
+
+    out = tmp_path / "out"
+    config = _config(synthetic_dataset, small_model, out)
+    held = OutputLock.acquire(str(out))
+    with pytest.raises(ConfigError, match=rf"output: run {held.run_id} .* is writing to this "
+                                          rf"output \({out}/{LOCK_FILE}\)"):
+        pipeline.run(config)
+    held.release()
+    # What a killed run leaves: the points file, staging directories, a partial tree.
+    (out / POINTS_FILE).write_bytes(b"partial")
+    (out / ".segclr-temp-0123abcd").mkdir()
+    (out / ".segclr-temp-0123abcd" / "0.zip").write_bytes(b"")
+    (out / "agg10um").mkdir()
+    (out / "agg10um" / "3.zip").write_bytes(b"")
+    (out / "model").mkdir()  # an exported checkpoint
+    (out / "notes.txt").write_text("not the run's")
+    job = prepare(config)
+    assert _entries(out) == [LOCK_FILE, "notes.txt"]
+    job.finish()
+    assert _entries(out) == ["notes.txt"]
+    (out / RUN_FILE).write_text("{}")  # a complete run is kept unless --overwrite
+    with pytest.raises(ConfigError, match="holds a previous run"):
+        prepare(config)
+    assert _entries(out) == ["notes.txt", RUN_FILE]
+
+
+def test_a_checkpoint_is_exported_again_when_overwriting(synthetic_dataset, small_model,
+                                                         tmp_path, monkeypatch):
+    from segclr_beam import job, model
+    from test_model import SMALL, small_values, write_tf1_checkpoint
+
+    prefix = write_tf1_checkpoint(tmp_path / "model.ckpt", small_values())
+    export = model.export_saved_model
+    monkeypatch.setattr(job.model, "export_saved_model",
+                        lambda out, checkpoint: export(out, SMALL, checkpoint=checkpoint))
+    config = _config(synthetic_dataset, prefix, tmp_path / "out")
+    first = job.prepare(config)
+    first.finish()
+    (tmp_path / "out" / RUN_FILE).write_text("{}")
+    again = job.prepare(config.updated({"overwrite": True}))
+    assert again.model_dir == first.model_dir == str(tmp_path / "out" / "model")
+    assert again.model == first.model
+    again.finish()
+
+
+def test_run_json_waits_for_every_written_file(synthetic_dataset, small_model, tmp_path):
+    import apache_beam as beam
+
+    from segclr_beam.job import prepare
+
+    job = prepare(_config(synthetic_dataset, small_model, tmp_path / "out"))
+    p = beam.Pipeline(runner="FnApiRunner")
+    pipeline.build(p, job)
+    components = p.to_runner_api().components
+    producer = {pc: name for name, t in components.transforms.items() for pc in t.outputs.values()}
+
+    def upstream(name, seen):
+        for pc in components.transforms[name].inputs.values():
+            if pc in producer and producer[pc] not in seen:
+                seen.add(producer[pc])
+                upstream(producer[pc], seen)
+        return seen
+
+    record = next(n for n, t in components.transforms.items() if t.unique_name == "Record")
+    names = {components.transforms[n].unique_name.split("/")[0] for n in upstream(record, set())}
+    assert {"WritePoints", "Write", "Manifest"} <= names
+    job.finish()
+
+
+def test_overwrite_replaces_every_tree_and_embed_reports_what_it_made(
+        local_run, synthetic_dataset, small_model, tmp_path, capsys):
+    from segclr_beam import cli
+
+    out, first = local_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    cli.main(_embed_args(synthetic_dataset, small_model, again, "--overwrite",
+                         "--radii-nm", "5000", "--num-shards", "7", "--tfrecord-shards", "7"))
+    printed = capsys.readouterr().out
+    embeddings = first.totals()["embeddings"]
+    assert f"points: {embeddings}, cutouts: {embeddings}, embeddings: {embeddings}" in printed
+    assert "seconds per stage: Points" in printed and f"agg5um: {again}/agg5um" in printed
+    assert _entries(again) == ["agg5um", "manifest", POINTS_FILE, "raw", RUN_FILE]
+    for tree in ("raw", "agg5um"):
+        assert len(list((again / tree).glob("*.tfrecord"))) == 7
+        assert len(list((again / tree).glob("*.zip"))) <= 7
+    assert json.loads((again / RUN_FILE).read_text())["summary"]["embeddings"] == embeddings
+
+
+def test_a_mistyped_flag_is_an_error(capsys):
+    from segclr_beam import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["embed", "--em", "e", "--segmentation", "s", "--model", "m", "--output", "o",
+                  "--radi-nm", "5000"])
+    assert exit.value.code == 2
+    assert ("unrecognized argument --radi-nm (did you mean --radii-nm?)"
+            in capsys.readouterr().err)
