@@ -354,3 +354,35 @@ def test_only_binding_parameters_block_reuse():
              "skeleton": {"spacing_nm": 1500.0, "min_voxels": 10}}
     assert manifest.differences(previous, other) == [
         "model: previous a, now b", "min_voxels: previous 1000, now 10"]
+
+
+def test_the_fingerprint_job_asks_dataflow_for_no_gpu(runs, tmp_path, monkeypatch):
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, WorkerOptions
+
+    from segclr_beam.runner import DataflowGpu
+
+    first_jobs = []
+    build_first = reprocess.classify_pipeline
+
+    def recording(*args):
+        p = build_first(*args)
+        run = p.run
+        p.run = lambda: first_jobs.append(run()) or first_jobs[-1]
+        return p
+
+    monkeypatch.setattr(reprocess, "classify_pipeline", recording)
+    monkeypatch.setattr(reprocess, "_read_ids", lambda path: [])  # a dry run stages nothing
+    monkeypatch.setattr(reprocess, "counters", lambda result: {})  # and counts nothing
+    beam_args = ["--runner=DataflowRunner", "--dry_run=True", "--project=segclr-test",
+                 "--region=us-central1", "--temp_location=gs://segclr-test/tmp"]
+    image = "us-docker.pkg.dev/p/r/segclr:1"
+    summary = reprocess.reprocess(
+        runs["full1"], {"segmentation": runs["edits"].segmentation,
+                        "output": str(tmp_path / "dataflow")},
+        beam_args=beam_args, gpu=DataflowGpu("nvidia-l4", 1, "g2-standard-8", image))
+    first, = (r.job.options for r in first_jobs)
+    second = summary.run.result.job.options
+    assert not first.view_as(GoogleCloudOptions).dataflow_service_options
+    assert first.view_as(WorkerOptions).sdk_container_image == image
+    assert second.view_as(GoogleCloudOptions).dataflow_service_options == [
+        "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"]
