@@ -384,27 +384,46 @@ class ReadPoints(beam.PTransform):
 
 
 class _SegmentsSeen(beam.CombineFn):
-    """Distinct segment ids -> (how many, the largest, those of an allow-list among them)."""
+    """Segment ids -> (the largest, those of an allow-list among them)."""
 
     def __init__(self, allowed: frozenset[int] | None):
         self._allowed = allowed or frozenset()
 
     def create_accumulator(self):
-        return 0, 0, frozenset()
+        return 0, frozenset()
 
     def add_input(self, accumulator, segment_id):
-        count, largest, listed = accumulator
-        if segment_id in self._allowed:
+        largest, listed = accumulator
+        if segment_id in self._allowed and segment_id not in listed:
             listed = listed | {segment_id}
-        return count + 1, max(largest, segment_id), listed
+        return max(largest, segment_id), listed
 
     def merge_accumulators(self, accumulators):
         accumulators = list(accumulators)
-        return (sum(a[0] for a in accumulators), max(a[1] for a in accumulators),
-                frozenset().union(*(a[2] for a in accumulators)))
+        return (max(a[0] for a in accumulators),
+                frozenset().union(*(a[1] for a in accumulators)))
 
     def extract_output(self, accumulator):
         return accumulator
+
+
+def _verdict(points: int, seen: tuple, source: str, allowed: frozenset[int] | None,
+             bytewidth: int) -> bool:
+    """CheckPoints' judgement of all the points (their count, and `_SegmentsSeen`)."""
+    largest, listed = seen
+    if allowed is not None and len(listed) < len(allowed):
+        missing = sorted(allowed - listed)
+        raise PointsError(
+            f"segments: {len(missing)} of the {len(allowed)} listed segment ids have no point "
+            f"in {source}: {', '.join(map(str, missing[:10]))}"
+            f"{', ...' if len(missing) > 10 else ''} (not there, or too small to sample)")
+    if points == 0:
+        raise PointsError(f"{source}: no points, so nothing to embed")
+    try:
+        shards.segment_hash(largest, bytewidth)
+    except ValueError as e:
+        raise PointsError(f"bytewidth: {e}") from None
+    return True
 
 
 class CheckPoints(beam.PTransform):
@@ -413,7 +432,7 @@ class CheckPoints(beam.PTransform):
     Refuses (PointsError, failing the job before any cutout is made) no points at all, ids
     of the allow-list `segment_ids` that have no point, and segment ids that do not fit the
     output's shard hash `bytewidth`. `source` says where the points come from, for the
-    messages. Counts the points and segments (counters `points`, `segments`).
+    messages.
     """
 
     def __init__(self, source: str, segment_ids: Collection[int] | None, bytewidth: int):
@@ -421,31 +440,13 @@ class CheckPoints(beam.PTransform):
         self._source, self._bytewidth = source, bytewidth
         self._allowed = None if segment_ids is None else frozenset(map(int, segment_ids))
 
-    def _verdict(self, points: int, seen: tuple) -> bool:
-        segments, largest, listed = seen
-        beam.metrics.Metrics.counter("segclr", "points").inc(points)
-        beam.metrics.Metrics.counter("segclr", "segments").inc(segments)
-        if self._allowed is not None and len(listed) < len(self._allowed):
-            missing = sorted(self._allowed - listed)
-            raise PointsError(
-                f"segments: {len(missing)} of the {len(self._allowed)} listed segment ids have "
-                f"no point in {self._source}: {', '.join(map(str, missing[:10]))}"
-                f"{', ...' if len(missing) > 10 else ''} (not there, or too small to sample)")
-        if points == 0:
-            raise PointsError(f"{self._source}: no points, so nothing to embed")
-        try:
-            shards.segment_hash(largest, self._bytewidth)
-        except ValueError as e:
-            raise PointsError(f"bytewidth: {e}") from None
-        return True
-
     def expand(self, points):
         count = points | "CountPoints" >> beam.combiners.Count.Globally()
         seen = (points
                 | "SegmentIds" >> beam.Map(lambda p: p.segment_id)
-                | "DistinctSegments" >> beam.Distinct()
                 | "SegmentsSeen" >> beam.CombineGlobally(_SegmentsSeen(self._allowed)))
-        verdict = count | "Verdict" >> beam.Map(self._verdict, beam.pvalue.AsSingleton(seen))
+        verdict = count | "Verdict" >> beam.Map(_verdict, beam.pvalue.AsSingleton(seen),
+                                                self._source, self._allowed, self._bytewidth)
         return points | "Checked" >> beam.Map(lambda p, _: p, beam.pvalue.AsSingleton(verdict))
 
 
