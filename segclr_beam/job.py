@@ -67,7 +67,7 @@ class Job:
 
     def discard(self) -> None:
         """Remove everything this run wrote and release the output (the run failed)."""
-        removed = remove_run(self.config.output)
+        removed = remove_run(self.config.output, keep=self.config.model)
         if removed:
             _LOG.warning("removed the incomplete outputs of this run at %s", self.config.output)
         self.finish()
@@ -97,9 +97,12 @@ def run_entries(root: str) -> list[str]:
     return sorted(found)
 
 
-def remove_run(root: str) -> list[str]:
-    """Delete everything a run puts below `root` (RUN_ENTRIES); returns what was there."""
-    found = run_entries(root)
+def remove_run(root: str, keep: str | None = None) -> list[str]:
+    """Delete everything a run puts below `root` (RUN_ENTRIES) but the entry holding `keep`
+    (an input that lives there, e.g. a model exported by an earlier run); returns what was
+    deleted."""
+    found = [p for p in run_entries(root) if keep is None
+             or not (keep.rstrip("/") + "/").startswith(p.rstrip("/") + "/")]
     for path in found:
         if os.path.isdir(path) and FileSystems.get_scheme(root) in (None, "file"):
             delete_tree(path)
@@ -116,7 +119,7 @@ def _check_output(config: EmbedConfig) -> None:
     if FileSystems.exists(join(root, RUN_FILE)) and not config.overwrite:
         raise ConfigError(f"output: {root} holds a previous run ({join(root, RUN_FILE)}); "
                           "choose another path or pass --overwrite")
-    removed = remove_run(root)
+    removed = remove_run(root, keep=config.model)
     if removed:
         _LOG.warning("removed %d entries of an earlier %s at %s before starting: %s",
                      len(removed), "run" if config.overwrite else "incomplete run", root,
