@@ -15,7 +15,7 @@ from typing import Any, Collection
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from segclr_beam import aggregate, model, outputs, points, skeleton
+from segclr_beam import aggregate, annotations, model, outputs, points, skeleton
 from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.manifest import fingerprint_box
 from segclr_beam.records import output_variants, variant_name
@@ -44,8 +44,9 @@ class Job:
 
     @property
     def trees(self) -> dict[str, str]:
-        """Output tree path of each variant."""
-        return {name: join(self.config.output, name) for name in self.variants}
+        """Output tree path of each variant, and of the annotation layer."""
+        trees = {name: join(self.config.output, name) for name in self.variants}
+        return {**trees, annotations.DIRECTORY: join(self.config.output, annotations.DIRECTORY)}
 
     @property
     def embedding_dim(self) -> int:
@@ -63,6 +64,7 @@ def _check_output(config: EmbedConfig, variants: dict) -> None:
     root = config.output
     previous = [join(root, RUN_FILE), join(root, POINTS_FILE)]
     previous += [join(root, name, outputs.INFO_NAME) for name in variants]
+    previous.append(join(root, annotations.DIRECTORY, annotations.INFO_NAME))
     found = [path for path in previous if FileSystems.exists(path)]
     if found and not config.overwrite:
         raise ConfigError(f"output: {root} holds a previous run ({found[0]}); "
@@ -170,7 +172,8 @@ def make_points(pipeline: beam.Pipeline, job: Job,
 
 def write_results(job: Job, sample_points: beam.PCollection,
                   embeddings: beam.PCollection) -> beam.PCollection:
-    """The points table, the radius means and every output tree; returns the info paths."""
+    """The points table, the radius means, every output tree and the annotation layer of the
+    raw embeddings ("Annotations"); returns the info paths."""
     config = job.config
     _ = sample_points | "WritePoints" >> points.WritePoints(join(config.output, POINTS_FILE))
     aggregated = embeddings | "Aggregate" >> aggregate.AggregateEmbeddings(
@@ -178,10 +181,14 @@ def write_results(job: Job, sample_points: beam.PCollection,
     coordinates = (outputs.CoordinateSystem.voxels(job.em.resolution)
                    if config.coordinates == "voxels" else
                    outputs.CoordinateSystem.nanometres(job.em.resolution, config.offset_nm))
-    return {RAW: embeddings, **aggregated} | "Write" >> outputs.WriteEmbeddings(
+    trees = {RAW: embeddings, **aggregated} | "Write" >> outputs.WriteEmbeddings(
         config.output, job.variants, coordinates=coordinates, num_shards=config.num_shards,
         bytewidth=config.bytewidth, embedding_dim=job.embedding_dim, formats=config.formats,
         volumes=job.provenance(), model=job.model)
+    layer = annotations.Layer(tuple(job.em.resolution), job.bbox, job.embedding_dim,
+                              config.num_shards)
+    nodes = embeddings | "Annotations" >> annotations.WriteAnnotations(config.output, layer)
+    return (trees, nodes) | "AllTrees" >> beam.Flatten()
 
 
 def _write_record(_, job: Job) -> str:

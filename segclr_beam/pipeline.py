@@ -20,8 +20,8 @@ from segclr_beam.job import (Job, RunSummary, describe_run, make_points, prepare
 from segclr_beam.runner import LOCAL_RUNNER, pipeline_options
 
 # Top-level step names, in data-flow order; the run summary reports time per step.
-STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write", "Manifest",
-          "Record")
+STAGES = ("Points", "WritePoints", "Cutouts", "Embed", "Aggregate", "Write", "Annotations",
+          "Manifest", "Record")
 
 
 def build(pipeline: beam.Pipeline, job: Job) -> None:
