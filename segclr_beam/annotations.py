@@ -142,7 +142,8 @@ class Layer:
             raise ValueError(f"annotation property ids repeat: {sorted(names)}")
 
     def properties(self) -> list[AnnotationPropertySpec]:
-        own = [AnnotationPropertySpec(id="node_id", type="uint32",
+        # int32, not uint32: neuroglancer 2.40's writer misaligns uint32 properties.
+        own = [AnnotationPropertySpec(id="node_id", type="int32",
                                       description="node id within its segment"),
                AnnotationPropertySpec(id="pca_rgb", type="rgb",
                                       description="first three principal components of the "
@@ -243,10 +244,11 @@ def _check_records(layer: Layer, tagged: Iterable) -> tuple[EmbeddingTable, dict
         raise ValueError(f"annotations: node {table.node_ids[k]} of segment "
                          f"{table.segment_ids[k]} at {tuple(table.xyz[k].tolist())} lies "
                          f"outside the box {layer.box}")
-    if len(table) and (table.node_ids.max() > 0xFFFFFFFF or table.node_ids.min() < 0):
-        k = int(np.argmax((table.node_ids > 0xFFFFFFFF) | (table.node_ids < 0)))
+    too_large = (table.node_ids < 0) | (table.node_ids > np.iinfo(np.int32).max)
+    if too_large.any():
+        k = int(np.flatnonzero(too_large)[0])
         raise ValueError(f"annotations: node id {table.node_ids[k]} of segment "
-                         f"{table.segment_ids[k]} does not fit the uint32 node_id property")
+                         f"{table.segment_ids[k]} does not fit the int32 node_id property")
     return table, extra
 
 
@@ -306,7 +308,7 @@ class _WriteShard(beam.DoFn):
             values = {key: _many(group) for key, group in by_key.items()}
         name = f"{shard}.shard"
         shards.write_file(self._staging.temp_path(f"{DIRECTORY}/{index}", name),
-                          self._spec.synthesize_shard(values))
+                          self._spec.synthesize_shard(dict(sorted(values.items()))))
         yield _Shard(index, name, len(by_key), sum(len(v) for v in by_key.values()),
                      max(len(v) for v in by_key.values()))
 
@@ -315,7 +317,7 @@ class WriteAnnotations(beam.PTransform):
     """PCollection[(Point, embedding[, {property: value}])] -> `root/annotations/`.
 
     Returns a PCollection of the info path, written once every shard file is in place.
-    Records are checked while grouped: inside the layer's box, node ids that fit uint32,
+    Records are checked while grouped: inside the layer's box, node ids that fit int32,
     each node once.
     """
 
