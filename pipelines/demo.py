@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from segclr_beam import synth
+from segclr_beam import annotations, synth
 from segclr_beam.config import EmbedConfig
 from segclr_beam.runner import configure_logging
 
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {stage:12s} {seconds:8.1f}")
     for name, path in summary.outputs.items():
         print(f"output {name:8s} {path}")
+    print(f"annotations    {os.path.join(config.output, annotations.DIRECTORY)}")
     print(f"picture        {picture}")
     command = os.path.join(os.path.dirname(sys.executable), "segclr-beam")
     print(f"to look at it in Neuroglancer: {command} view {config.output}")

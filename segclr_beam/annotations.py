@@ -236,7 +236,7 @@ def _check_records(layer: Layer, tagged: Iterable) -> tuple[EmbeddingTable, dict
     names = [p.id for p in layer.extra_properties]
     extra = {name: np.array([r[2][name] for r in rows]) for name in names}
     order = np.lexsort((table.node_ids, table.segment_ids))
-    table = table.take(order).sorted()
+    table = table.take(order).sorted()  # in order already; raises on a repeated node
     extra = {name: column[order] for name, column in extra.items()}
     outside = ~((table.xyz >= layer.box.start) & (table.xyz < layer.box.stop)).all(axis=1)
     if outside.any():
@@ -298,10 +298,7 @@ class _WriteShard(beam.DoFn):
         by_key: dict[int, list[_Entry]] = {}
         for entry in entries:
             by_key.setdefault(entry.key, []).append(entry)
-        if index == BY_ID:
-            repeated = [k for k, v in by_key.items() if len(v) > 1]
-            if repeated:
-                raise RuntimeError(f"annotations: annotation id {repeated[0]} given twice")
+        if index == BY_ID:  # one annotation per id, with its one related segment
             values = {key: e.record + struct.pack("<IQ", 1, e.segment_id)
                       for key, (e,) in by_key.items()}
         else:

@@ -44,9 +44,8 @@ class Job:
 
     @property
     def trees(self) -> dict[str, str]:
-        """Output tree path of each variant, and of the annotation layer."""
-        trees = {name: join(self.config.output, name) for name in self.variants}
-        return {**trees, annotations.DIRECTORY: join(self.config.output, annotations.DIRECTORY)}
+        """Output tree path of each variant."""
+        return {name: join(self.config.output, name) for name in self.variants}
 
     @property
     def embedding_dim(self) -> int:
