@@ -64,7 +64,10 @@ class Run:
         layer = join(output, annotations.DIRECTORY, annotations.INFO_NAME)
         if not FileSystems.exists(layer):
             raise ViewError(f"{output}: no annotation layer ({layer} is missing)")
-        volumes = record["volumes"]
+        volumes = record.get("volumes", {})
+        missing = {"em", "segmentation", "resolution_nm", "bbox"} - set(volumes)
+        if missing:
+            raise ViewError(f"{path}: the run's volumes record lacks {sorted(missing)}")
         bbox = volumes["bbox"]
         skeletons = FileSystems.exists(join(output, "skeletons", "info"))
         return cls(output, volumes["em"], volumes["segmentation"],
@@ -74,11 +77,13 @@ class Run:
 def location(spec: dict, name: str) -> str:
     """The directory URL (file:// or gs://, trailing slash) of a TensorStore volume spec."""
     kvstore = spec.get("kvstore")
+    driver = kvstore.get("driver") if isinstance(kvstore, dict) else None
     if isinstance(kvstore, str):
         url = kvstore
-    elif isinstance(kvstore, dict) and kvstore.get("driver") in ("file", "gcs"):
-        scheme = "file://" if kvstore["driver"] == "file" else f"gs://{kvstore['bucket']}/"
-        url = scheme + kvstore.get("path", "").lstrip("/" if scheme != "file://" else "")
+    elif driver == "file":
+        url = "file://" + kvstore.get("path", "")
+    elif driver == "gcs":
+        url = f"gs://{kvstore['bucket']}/" + kvstore.get("path", "").lstrip("/")
     else:
         raise ViewError(f"{name}: cannot show a volume stored as {kvstore!r}")
     url = url.rstrip("/") + "/" + spec.get("path", "").strip("/")

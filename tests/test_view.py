@@ -157,3 +157,16 @@ def test_viewer_in_headless_chromium(small_run, tmp_path):
     colours = np.unique(shown[points], axis=0)
     assert points.sum() > 2000, f"{points.sum()} pixels of points"
     assert len(colours) > 100 and (np.ptp(colours, axis=-1) > 40).sum() > 50
+
+
+@pytest.mark.parametrize("spec, url", [
+    ({"driver": "zarr", "kvstore": "gs://b/v/"}, "gs://b/v/"),
+    ({"driver": "zarr", "kvstore": {"driver": "gcs", "bucket": "b", "path": "v"}}, "gs://b/v/"),
+    ({"driver": "n5", "kvstore": {"driver": "file", "path": "/d/v/"}, "path": "s0"},
+     "file:///d/v/s0/"),
+])
+def test_volume_locations(spec, url):
+    assert view.location(spec, "em") == url
+    assert view.scheme(spec, "em") == spec["driver"]
+    with pytest.raises(view.ViewError, match="em: Neuroglancer has no source"):
+        view.scheme({"driver": "tiff"}, "em")
