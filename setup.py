@@ -21,6 +21,9 @@ setup(
         "fastremap>=1.14",
         "google-cloud-storage>=2.14",
         "kimimaro>=5.0",
+        # The annotation writer and the viewer; 2.41 needs a google-apitools that
+        # apache-beam[gcp] excludes on Python < 3.13.
+        "neuroglancer==2.40.*",
         "numpy>=1.26",
         "osteoid>=0.7",
         "scipy>=1.11",

@@ -7,7 +7,7 @@ Builds the synthetic dataset and a SegCLR model with random weights if they are 
 the embedding job locally on a class-balanced sample of the segments, prints what it did
 (segments, voxels and points per class, and the wall time) and writes `embeddings.png`: a
 2-D projection of the embeddings coloured by morphological class, and the sample points
-over an EM slice.
+over an EM slice. It opens no viewer: it prints the `segclr-beam view` command that does.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from segclr_beam import synth
+from segclr_beam import annotations, synth
 from segclr_beam.config import EmbedConfig
 from segclr_beam.runner import configure_logging
 
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     segment_ids = _sample(dataset, SAMPLE)
     config = EmbedConfig(em=dataset.em, segmentation=dataset.segmentation, model=model_dir,
                          output=os.path.abspath(args.out), segments=tuple(segment_ids),
-                         chunk_size=CHUNK_SIZE, num_shards=64, overwrite=True)
+                         chunk_size=CHUNK_SIZE, num_shards=64, write_skeletons=True,
+                         overwrite=True)
     print(f"running the embedding job on {len(segment_ids)} segments (Beam, local runner) ...",
           flush=True)
     summary = pipeline.run(config.validate(), beam_args)
@@ -170,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {stage:12s} {seconds:8.1f}")
     for name, path in summary.outputs.items():
         print(f"output {name:8s} {path}")
+    print(f"annotations    {os.path.join(config.output, annotations.DIRECTORY)}")
     print(f"picture        {picture}")
+    command = os.path.join(os.path.dirname(sys.executable), "segclr-beam")
+    print(f"to look at it in Neuroglancer: {command} view {config.output}")
     print(f"job wall time {summary.wall_seconds:.0f} s; demo wall time "
           f"{time.monotonic() - start:.0f} s")
 

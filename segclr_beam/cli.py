@@ -95,6 +95,26 @@ def _points(args: argparse.Namespace) -> None:
     print("\n".join(points.shard_paths(args.out, args.num_shards)))
 
 
+def _view(args: argparse.Namespace) -> None:
+    import json
+    import threading
+
+    from segclr_beam import view
+
+    try:
+        if args.state_only:
+            print(json.dumps(view.shared_state(args.out), indent=2))
+            return
+        viewer = view.serve(args.out, args.bind_address, args.port)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"segclr-beam view: {e}") from None
+    print(f"Neuroglancer viewer of {args.out} (Ctrl-C to stop):\n{viewer.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        viewer.stop()
+
+
 # Jobs with a parser of their own in pipelines/: `segclr-beam JOB ...` is `python -m pipelines.JOB ...`.
 _JOBS = {
     "embed": "embed every segment of a volume: points, cutouts, SegCLR, radius means, outputs "
@@ -159,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the merged skeletons here (precomputed, for Neuroglancer)")
     p.add_argument("--num-shards", type=int, default=1, help="points files")
     p.set_defaults(run=_points, forwarded=[])
+
+    p = commands.add_parser(
+        "view", help="serve a Neuroglancer viewer of a run (EM, segmentation, skeletons, "
+        "embeddings as annotations) on this machine and print its URL")
+    p.add_argument("out", help="the run's output directory (local or gs://)")
+    p.add_argument("--state-only", action="store_true",
+                   help="print the Neuroglancer JSON state of a run on gs://, with gs:// "
+                        "sources, instead of serving")
+    p.add_argument("--bind-address", default="127.0.0.1",
+                   help="address the viewer and the local file servers listen on")
+    p.add_argument("--port", type=int, default=0, help="viewer port (0: any free port)")
+    p.set_defaults(run=_view)
 
     for name, text in _JOBS.items():
         commands.add_parser(name, add_help=False, help=text).set_defaults(run=_job, forwarded=[])

@@ -20,7 +20,8 @@ from typing import Any, Collection, Iterator
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from segclr_beam import aggregate, cutouts, inference, model, outputs, points, skeleton
+from segclr_beam import (aggregate, annotations, cutouts, inference, model, outputs, points,
+                         skeleton)
 from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.lock import LockedError, OutputLock
 from segclr_beam.manifest import MANIFEST_DIR, fingerprint_box
@@ -82,7 +83,7 @@ class Job:
 # What a run puts below its output root (glob patterns); an incomplete run's leftovers, or with
 # --overwrite a previous run, are removed before a run starts.
 RUN_ENTRIES = (RUN_FILE, "points*.avro", RAW, "agg*um", MANIFEST_DIR, "skeletons", "model",
-               TEMP_PREFIX + "*", REPROCESS_DIR, ".segclr-write-probe")
+               annotations.DIRECTORY, TEMP_PREFIX + "*", REPROCESS_DIR, ".segclr-write-probe")
 
 
 def run_entries(root: str) -> list[str]:
@@ -283,8 +284,9 @@ def make_cutouts(job: Job, sample_points: beam.PCollection, keyed: bool = False)
 
 def write_results(job: Job, sample_points: beam.PCollection,
                   embeddings: beam.PCollection) -> beam.PCollection:
-    """The points table, the radius means and every output tree; returns the written paths
-    (complete once every file is in place)."""
+    """The points table, the radius means, every output tree and the annotation layer of the
+    raw embeddings ("Annotations"); returns the written paths (complete once every file is in
+    place)."""
     config = job.config
     written = sample_points | "WritePoints" >> points.WritePoints(join(config.output,
                                                                       POINTS_FILE))
@@ -297,7 +299,10 @@ def write_results(job: Job, sample_points: beam.PCollection,
         config.output, job.variants, coordinates=coordinates, num_shards=config.num_shards,
         bytewidth=config.bytewidth, embedding_dim=job.embedding_dim, formats=config.formats,
         tfrecord_shards=config.tfrecord_shards, volumes=job.provenance(), model=job.model)
-    return (written, trees) | "Results" >> beam.Flatten()
+    layer = annotations.Layer(tuple(job.em.resolution), job.bbox, job.embedding_dim,
+                              config.num_shards)
+    nodes = embeddings | "Annotations" >> annotations.WriteAnnotations(config.output, layer)
+    return (written, trees, nodes) | "Results" >> beam.Flatten()
 
 
 def _run_record(job: Job) -> dict:

@@ -20,7 +20,7 @@ from segclr_beam.runner import is_local, pipeline_options
 
 # Top-level step names, in data-flow order; the run summary reports time per step.
 STAGES = ("Points", "CheckPoints", "Cutouts", "Embed", "WritePoints", "Aggregate", "Write",
-          "Manifest", "Record")
+          "Annotations", "Manifest", "Record")
 
 
 def build(pipeline: beam.Pipeline, job: Job, release: bool = True) -> None:

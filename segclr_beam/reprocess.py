@@ -52,7 +52,7 @@ from segclr_beam.shards import delete_tree, join
 STAGING = REPROCESS_DIR  # under the new output root while reprocessing; removed at the end
 # Top-level step names of the second job, in data-flow order, for the seconds per step.
 STAGES = ("Classify", "SplitPrevious", "Points", "Embed", "WritePoints", "Aggregate", "Write",
-          "Manifest", "Record")
+          "Annotations", "Manifest", "Record")
 _CHANGES, _TO_EMBED = "changes", "embed.txt"
 _AVRO_NAME = "segclr_beam.reprocess"  # fixes the staged files' sync marker
 _STALE, _REUSED = "stale", "reused"

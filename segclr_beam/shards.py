@@ -183,13 +183,15 @@ class WriteShards(beam.PTransform):
     (a DoFn or a function of (key, records)) writes one shard's file into the staging
     directory and returns a light description of it; `finalize(descriptions)` puts every
     file in place (see `Staging.finalize`) and returns the transform's output. Only records
-    and descriptions are shuffled.
+    and descriptions are shuffled. `side_inputs` are passed to `finalize` after the
+    descriptions.
     """
 
     def __init__(self, keys: Callable[[Any], Iterable[Any]], write: beam.DoFn | Callable,
-                 finalize: Callable[[list], Any]):
+                 finalize: Callable[..., Any], *side_inputs):
         super().__init__()
         self._keys, self._write, self._finalize = keys, write, finalize
+        self._side_inputs = side_inputs
 
     def expand(self, records):
         keys = self._keys
@@ -200,4 +202,4 @@ class WriteShards(beam.PTransform):
                 | "GroupByShard" >> beam.GroupByKey()
                 | "WriteShards" >> write
                 | "AllShards" >> beam.combiners.ToList()
-                | "Finalize" >> beam.Map(self._finalize))
+                | "Finalize" >> beam.Map(self._finalize, *self._side_inputs))

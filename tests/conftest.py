@@ -124,3 +124,18 @@ def small_model(tmp_path_factory) -> str:
     with pytest.warns(UserWarning, match="RANDOM weights"):
         model.export_saved_model(path, arch, seed=1)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_run(synthetic_dataset, small_model, tmp_path_factory) -> str:
+    """A finished job on part of the synthetic dataset, with skeletons: its output path."""
+    from segclr_beam import pipeline
+    from segclr_beam.config import EmbedConfig
+
+    out = str(tmp_path_factory.mktemp("small-run") / "out")
+    pipeline.run(EmbedConfig(
+        em=synthetic_dataset.em, segmentation=synthetic_dataset.segmentation,
+        model=small_model, output=out, bbox=(0, 0, 0, 128, 128, 96), chunk_size=64,
+        block_size=64, cutout_size=33, batch_size=8, num_shards=16, bytewidth=8,
+        write_skeletons=True))
+    return out

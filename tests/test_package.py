@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "segclr_beam"
 # Modules that read or write stored data; they know nothing of jobs and their composition.
-STORAGE = {"records", "shards", "precomputed", "points", "outputs", "manifest", "reader"}
+STORAGE = {"records", "shards", "precomputed", "points", "outputs", "manifest", "reader",
+           "annotations"}
 COMPOSITION = {"job", "pipeline", "reprocess", "cli"}
 PREFIX = "segclr_beam."
 

@@ -116,11 +116,12 @@ def _digests(root: str) -> dict[str, str]:
 
 
 def _without_embeddings(digests: dict[str, str]) -> dict[str, str]:
-    """The files that hold no embedding values (points, segment fingerprints, info files)."""
+    """The files that hold no embedding values (points, segment fingerprints, info files);
+    the annotation layer holds embeddings and colours fitted on them."""
     return {name: digest for name, digest in digests.items()
             if not name.endswith((".zip", ".tfrecord")) and not name.startswith(
                 (f"{manifest.MANIFEST_DIR}/{manifest.NODES}/",
-                 f"{manifest.MANIFEST_DIR}/{manifest.MANIFEST_FILE}"))}
+                 f"{manifest.MANIFEST_DIR}/{manifest.MANIFEST_FILE}", "annotations/"))}
 
 
 def _segments(tree: str) -> dict[int, object]:
