@@ -275,14 +275,17 @@ class Trainer:
             segclr_model.random_init(self.network, self.config.seed)
             segclr_model.random_init(self.head, self.config.seed + 1)
 
-    def _replica_step(self, views: tf.Tensor, gray: tf.Tensor) -> tf.Tensor:
+    def _replica_gradients(self, views: tf.Tensor, gray: tf.Tensor):
         x = apply_gray(views, gray)  # [b, 2, s, s, s]
         x = tf.concat([x[:, 0], x[:, 1]], axis=0)[..., tf.newaxis]
         with tf.GradientTape() as tape:
             projections = self.head(self.network(x, training=True), training=True)
             loss = nt_xent(projections, self.config.temperature, self.config.batch_size)
-        gradients = tape.gradient(loss, self.variables)
-        self.optimizer.apply_gradients(zip(gradients, self.variables))
+        return loss, tape.gradient(loss, self.variables)
+
+    def _replica_step(self, views: tf.Tensor, gray: tf.Tensor) -> tf.Tensor:
+        loss, gradients = self._replica_gradients(views, gray)
+        self.optimizer.apply_gradients(zip(gradients, self.variables))  # summed over replicas
         return loss
 
     @tf.function
@@ -292,18 +295,31 @@ class Trainer:
         self.last_loss.assign(loss)
         return loss
 
-    def train_step(self, batch: ViewBatch) -> float:
-        """One optimisation step on a batch (split over the devices); its NT-Xent loss."""
+    @tf.function
+    def _gradients(self, views, gray):
+        results = self.strategy.run(self._replica_gradients, args=(views, gray))
+        return tf.nest.map_structure(
+            lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None), results)
+
+    def _distribute(self, batch: ViewBatch) -> tuple:
+        """The batch's views and gray-value parameters split over the devices."""
         per_replica = self.config.batch_size // self.strategy.num_replicas_in_sync
 
-        def split(context: tf.distribute.ValueContext):
-            rows = slice(context.replica_id_in_sync_group * per_replica,
-                         (context.replica_id_in_sync_group + 1) * per_replica)
-            return tf.constant(batch.views[rows]), tf.constant(batch.gray[rows])
+        def rows(array: np.ndarray, context: tf.distribute.ValueContext) -> tf.Tensor:
+            first = context.replica_id_in_sync_group * per_replica
+            return tf.constant(array[first:first + per_replica])
 
-        views, gray = (self.strategy.experimental_distribute_values_from_function(
-            lambda context, i=i: split(context)[i]) for i in range(2))
-        return float(self._step(views, gray))
+        return tuple(self.strategy.experimental_distribute_values_from_function(
+            lambda context, array=array: rows(array, context)) for array in (batch.views, batch.gray))
+
+    def train_step(self, batch: ViewBatch) -> float:
+        """One optimisation step on a batch (split over the devices); its NT-Xent loss."""
+        return float(self._step(*self._distribute(batch)))
+
+    def gradients(self, batch: ViewBatch) -> tuple[float, list[np.ndarray]]:
+        """The loss of a batch and its gradient as the optimizer receives it, without a step."""
+        loss, gradients = self._gradients(*self._distribute(batch))
+        return float(loss), [g.numpy() for g in gradients]
 
     def weights(self) -> dict[str, np.ndarray]:
         """Network and projection-head weights under their published TF1 names."""

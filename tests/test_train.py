@@ -357,27 +357,37 @@ _DEVICES = textwrap.dedent("""
                                    rng.uniform(-1, 1, (8, 2))], -1).astype(np.float32))
                for step in range(3)]
     arch = Architecture(widths=(4, 8, 8, 16), input_size=17, bottleneck_width=16, embedding_dim=8)
-    losses = {}
+    results = {}
     for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
         config = train.TrainConfig(pairs="p", em="e", segmentation="s", out="o", architecture=arch,
                                    batch_size=8, steps=10, warmup_steps=0)
         trainer = train.Trainer(config, tf.distribute.MirroredStrategy(devices))
         trainer.initialize()
-        losses[len(devices)] = [trainer.train_step(b) for b in batches]
-    print(json.dumps(losses))
+        loss, gradients = trainer.gradients(batches[0])
+        steps = [trainer.train_step(b) for b in batches]
+        results[len(devices)] = {"loss": loss, "steps": steps,
+                                 "gradient": np.concatenate([g.ravel() for g in gradients]).tolist()}
+    print(json.dumps(results))
 """)
 
 
-def test_two_devices_give_the_loss_of_one():
+def test_two_devices_give_the_loss_and_gradient_of_one():
     result = subprocess.run([sys.executable, "-c", _DEVICES], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    losses = json.loads(result.stdout.splitlines()[-1])
-    # Step 0 checks the global batch (negatives gathered from both devices, batch norm
-    # synchronised); steps 1 and 2 that the gradients of both halves were summed. Only the
-    # summation order differs: float32 rounding (measured: 1e-6 relative).
-    assert losses["2"] == pytest.approx(losses["1"], rel=1e-4)
-    assert losses["1"][0] != pytest.approx(losses["1"][2], rel=1e-3)  # the steps did learn
+    one, two = json.loads(result.stdout.splitlines()[-1]).values()
+    # The loss over the global batch: negatives gathered from both devices, batch norm
+    # statistics synchronised. float32 sums in another order (measured: 2e-5 relative).
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert two["steps"][0] == pytest.approx(one["loss"], rel=1e-4)
+    # The gradient the optimizer receives is the single-device one: both halves' gradients
+    # (through the gathered projections and the shared statistics) summed. Rounding flips a
+    # few ReLU and max-pool choices (measured: 3e-4 relative on the stem kernel).
+    gradient_one, gradient_two = np.array(one["gradient"]), np.array(two["gradient"])
+    assert np.linalg.norm(gradient_two - gradient_one) <= 3e-3 * np.linalg.norm(gradient_one)
+    # Later steps train on both devices; Adam's sign-like steps on near-zero gradient
+    # components amplify the rounding, so their losses are not compared.
+    assert two["steps"][2] != pytest.approx(two["steps"][0], rel=1e-3)
 
 
 # ---------------------------------------------------------------- cloud storage
