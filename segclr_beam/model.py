@@ -238,7 +238,7 @@ def _listing(title: str, lines: list[str]) -> str:
     return f"  {len(lines)} {title}:\n{shown}{more}"
 
 
-def checkpoint_files(prefix: str) -> list[str]:
+def _checkpoint_files(prefix: str) -> list[str]:
     """The files of the checkpoint `prefix` (its .index and data shards), local or remote."""
     return sorted(m.path for m in FileSystems.match([prefix + ".*"])[0].metadata_list
                   if m.path == prefix + ".index" or m.path.startswith(prefix + ".data-"))
@@ -256,7 +256,7 @@ def local_checkpoint(prefix: str) -> Iterator[str]:
         return
     name = prefix.rstrip("/").rpartition("/")[2]
     with tempfile.TemporaryDirectory(prefix="segclr-checkpoint-") as tmp:
-        for path in checkpoint_files(prefix):
+        for path in _checkpoint_files(prefix):
             target = os.path.join(tmp, name + path[len(prefix):])
             with FileSystems.open(path) as fin, open(target, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 22)

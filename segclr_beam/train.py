@@ -126,16 +126,6 @@ class TrainConfig:
         return {**dataclasses.asdict(self), "architecture": self.architecture.to_dict(),
                 "resolution": list(self.resolution)}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown training configuration field")
-        data = dict(data)
-        if isinstance(data.get("architecture"), dict):
-            data["architecture"] = Architecture.from_dict(data["architecture"])
-        return cls(**data)
-
 
 # ----------------------------------------------------------------------------- loss
 
@@ -446,6 +436,9 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
                   config.batch_size, trainer.strategy.num_replicas_in_sync, len(table),
                   config.pairs)
         _run_steps(trainer, views, manager, work, publish, on_step)
+        stats = views.stats
+        _LOG.info("%d views cut from %d block and %d window reads (%.0f MB decoded)",
+                  stats.cutouts, stats.blocks_read, stats.windows_read, stats.bytes_decoded / 1e6)
         prefix = os.path.join(work, f"model.ckpt-{trainer.step}")
         trainer.export(prefix)
         record = {

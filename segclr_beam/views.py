@@ -69,6 +69,12 @@ class PairTable:
     def __len__(self) -> int:
         return len(self.segment_ids)
 
+    @property
+    def name(self) -> str:
+        """The table's files, as an error message names them."""
+        more = f" and {len(self.files) - 1} more files" if len(self.files) > 1 else ""
+        return f"{self.files[0]}{more}"
+
     def describe(self) -> dict:
         return {"files": list(self.files), "pairs": len(self), "vol_name": self.vol_name,
                 "label_volume_name": self.label_volume_name}
@@ -166,7 +172,7 @@ def check_inside(table: PairTable, em: Volume, segmentation: Volume) -> None:
     if len(outside):
         pair, view = outside[0]
         raise PairTableError(
-            f"pair table {table.files[0]}: {len(outside)} centres lie outside both the EM "
+            f"pair table {table.name}: {len(outside)} centres lie outside both the EM "
             f"{em.bounds} and the segmentation {segmentation.bounds}, the first center-{view} "
             f"{tuple(int(v) for v in table.centers[pair, view])} of pair {pair} (segment "
             f"{table.segment_ids[pair]}); are the resolution and offset those of the table?")
@@ -256,7 +262,7 @@ class PairViews:
                         getattr(self.stats, field.name) + getattr(reader.stats, field.name))
         if reader.stats.segment_absent == reader.stats.cutouts:
             raise PairTableError(
-                f"pair table {self.table.files[0]}...: none of the {2 * n} views of steps "
+                f"pair table {self.table.name}: none of the {2 * n} views of steps "
                 f"{steps.start}..{steps.stop - 1} finds its segment in its window of the "
                 f"segmentation; are the segment ids and volumes those of the table?")
         b = self.batch_size
