@@ -4,7 +4,8 @@ step on batches already in memory, and one step against one inference batch.
 On a synthetic dataset and a pair table of nearby voxels of one segment, for each setting
 (network widths, cutout size, pairs per step):
 - pipeline: `steps` training steps fed by PairViews.batches (threads cutting, augmenting
-  and prefetching while the model runs), from one stream warmed up beforehand;
+  and prefetching while the model runs), the pipeline started with the run, so the wait for
+  its first window is included (choose `steps` several windows long);
 - in memory: the same steps on the same batches, materialised beforehand;
 - inference: the network's forward pass (inference mode) on one batch of as many cutouts
   as a step embeds (two per pair).
@@ -12,7 +13,7 @@ The input pipeline's overhead is pipeline / in memory - 1 (target <= 10%). The m
 be shared, so every timing is the fastest of --repeat interleaved runs, in wall-clock and
 CPU seconds of this process (all its threads).
 
-    .venv/bin/python benchmarks/bench_train.py [--settings demo] [--steps 8] [--repeat 2]
+    .venv/bin/python benchmarks/bench_train.py [--settings demo] [--steps 32] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -75,28 +76,26 @@ def bench(setting: Setting, dataset, pairs: str, steps: int, repeat: int, warmup
     em, segmentation = volume.open_volumes(dataset.em, dataset.segmentation)
     source = views.PairViews(views.read_pair_table(pairs), em, segmentation,
                              setting.input_size, setting.batch_size)
-    # One input pipeline for all timed runs, warmed up: it runs ahead as in a long training.
-    stream = source.batches(0, warmup + repeat * steps)
-    for _ in range(warmup):
-        trainer.train_step(next(stream))
-    time.sleep(5)  # let the pipeline fill its prefetch, as it does during warm-up steps
-    memory = list(views.PairViews(source.table, em, segmentation, setting.input_size,
-                                  setting.batch_size).batches(warmup, warmup + repeat * steps))
+    for batch in source.batches(0, warmup):
+        trainer.train_step(batch)
     inference = segclr_model.build_model(setting.arch())
     forward = tf.function(lambda x: inference(segclr_model.preprocess(x), training=False))
-    cutouts = tf.constant(memory[0].views.reshape((-1,) + (setting.input_size,) * 3))
-    forward(cutouts)
 
     best = {"pipeline": np.inf, "memory": np.inf, "inference": np.inf}
     for r in range(repeat):
-        chunk = memory[r * steps:(r + 1) * steps]
-        runs = {
-            "pipeline": lambda: [trainer.train_step(next(stream)) for _ in range(steps)],
-            "memory": lambda: [trainer.train_step(b) for b in chunk],
-            "inference": lambda: [forward(cutouts).numpy() for _ in range(steps)],
-        }
-        for name, run in runs.items():
-            best[name] = np.minimum(best[name], timed(run) / steps)
+        first = warmup + r * steps
+        # A fresh pipeline per run, started with the run: its first window is waited for.
+        fresh = views.PairViews(source.table, em, segmentation, setting.input_size,
+                                setting.batch_size)
+        pipeline = lambda: [trainer.train_step(b) for b in fresh.batches(first, first + steps)]
+        best["pipeline"] = np.minimum(best["pipeline"], timed(pipeline) / steps)
+        memory = list(source.batches(first, first + steps))
+        best["memory"] = np.minimum(
+            best["memory"], timed(lambda: [trainer.train_step(b) for b in memory]) / steps)
+        cutouts = tf.constant(memory[0].views.reshape((-1,) + (setting.input_size,) * 3))
+        forward(cutouts)
+        best["inference"] = np.minimum(
+            best["inference"], timed(lambda: [forward(cutouts).numpy() for _ in range(4)]) / 4)
     pipeline, memory, inference = best["pipeline"], best["memory"], best["inference"]
     print(f"{str(setting):<22} {pipeline[0]:7.2f} {pipeline[1]:7.2f} "
           f"{setting.batch_size / pipeline[0]:7.1f} {memory[0]:7.2f} {memory[1]:7.2f} "
@@ -107,7 +106,7 @@ def bench(setting: Setting, dataset, pairs: str, steps: int, repeat: int, warmup
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", choices=sorted(SETTINGS), default="demo")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    parser.add_argument("--steps", type=int, default=32, help="timed steps per run")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
