@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import cc3d
+import fastremap
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -66,10 +67,13 @@ def test_compartments_agree_with_segment_classes(default_size):
     labels, classes, compartments = default_size
     assert compartments.dtype == np.uint8 and compartments.shape == labels.shape
     np.testing.assert_array_equal(compartments == 0, labels == 0)
-    pairs = np.unique(np.stack([labels[labels != 0], compartments[labels != 0]]), axis=1)
+    small, remap = fastremap.renumber(labels, in_place=False)  # remap: segment id -> small id
+    ids = {v: k for k, v in remap.items()}
+    keys = np.unique(small.astype(np.int64) * 8 + compartments)  # codes are below 8
     held: dict[int, set[int]] = {}
-    for segment_id, code in pairs.T.tolist():
-        held.setdefault(segment_id, set()).add(code)
+    for key in keys.tolist():
+        if key >= 8:
+            held.setdefault(int(ids[key // 8]), set()).add(key % 8)
     for segment_id, codes in held.items():
         assert codes <= synth.CLASS_COMPARTMENTS[classes[segment_id]], (classes[segment_id], codes)
     by_class = {kind: set().union(*(held[i] for i in held if classes[i] == kind))

@@ -246,7 +246,7 @@ def test_job_on_volumes_written_by_cloudvolume(synthetic_dataset, small_model, t
     """The synthetic dataset copied by cloud-volume (raw EM, crackle segmentation, gzip chunk
     files, a voxel offset, 32 x 32 x 16 chunks) gives the same points, shifted by the offset,
     and the same embeddings: the cutouts are equal, only their batches differ."""
-    from segclr_beam import pipeline, points, synth
+    from segclr_beam import job, pipeline, points, synth
     from segclr_beam.config import EmbedConfig
     from segclr_beam.reader import EmbeddingReader
     from tolerance import assert_embeddings_close
@@ -274,8 +274,8 @@ def test_job_on_volumes_written_by_cloudvolume(synthetic_dataset, small_model, t
     ours = run(synthetic_dataset.em, synthetic_dataset.segmentation, bbox, tmp_path / "ours")
     theirs = run(sources["em"], sources["segmentation"], bbox + np.tile(offset, 2),
                  tmp_path / "theirs")
-    expected = points.read_points(str(ours / pipeline.POINTS_FILE))
-    found = points.read_points(str(theirs / pipeline.POINTS_FILE))
+    expected = points.read_points(str(ours / job.POINTS_FILE))
+    found = points.read_points(str(theirs / job.POINTS_FILE))
     assert len(expected) > 10 and len({p.segment_id for p in expected}) > 1
     assert found == [p._replace(x=p.x + offset[0], y=p.y + offset[1], z=p.z + offset[2])
                      for p in expected]
