@@ -23,6 +23,7 @@ setup(
         "kimimaro>=5.0",
         "numpy>=1.26",
         "osteoid>=0.7",
+        "scikit-learn>=1.4",  # evaluate: k-NN and linear probes, grouped cross-validation
         "scipy>=1.11",
         "tensorstore>=0.1.60",
     ],

@@ -160,6 +160,9 @@ _JOBS = {
     "reprocess": "embed a new segmentation version into a new output tree, re-embedding only "
                  "what changed since a previous run (`segclr-beam reprocess --help` for its "
                  "options)",
+    "pairs": "write the positive-pair table for training: node pairs of every segment's "
+             "skeleton within a path distance range (`segclr-beam pairs --help` for its "
+             "options)",
 }
 
 

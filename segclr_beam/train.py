@@ -66,7 +66,8 @@ class TrainConfig:
     """Everything a training run needs; paths may be local or gs://."""
 
     pairs: str = _field(None, "pair table: a glob of TFRecord files of tf.train.Example, or "
-                              "their prefix NAME.tfrecord (files NAME.tfrecord-*-of-*)")
+                              "their prefix NAME.tfrecord (files NAME.tfrecord-*-of-*), or a "
+                              "directory written by `segclr-beam pairs`")
     em: Any = _field(None, "EM volume the pair table's centres are in (TensorStore spec, "
                            "JSON file or URL)")
     segmentation: Any = _field(None, "segmentation volume the views are masked with")

@@ -29,17 +29,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam.cutouts import CutoutReader, CutoutStats, block_of
 from segclr_beam.points import Point
+from segclr_beam.records import PAIR_SCHEMA, PAIR_TABLE_PREFIX, pair_example  # noqa: F401
 from segclr_beam.volume import Volume
 
-# The schema of a pair record (all int64 but the volume names).
-PAIR_FEATURES = {
-    **{f"center-{v}": tf.io.FixedLenFeature([1, 3], tf.int64) for v in (0, 1)},
-    **{f"skeleton_id-{v}": tf.io.FixedLenFeature([1], tf.int64) for v in (0, 1)},
-    "distance": tf.io.FixedLenFeature([1], tf.int64),
-    **{f"dist_to_border-{v}": tf.io.FixedLenFeature([1], tf.int64) for v in (0, 1)},
-    "vol_name": tf.io.FixedLenFeature([1], tf.string),
-    "label_volume_name": tf.io.FixedLenFeature([1], tf.string),
-}
+# The schema of a pair record, as tf.io.parse_example takes it (records.PAIR_SCHEMA).
+PAIR_FEATURES = {key: tf.io.FixedLenFeature(list(shape), tf.as_dtype(dtype))
+                 for key, (shape, dtype) in PAIR_SCHEMA.items()}
 # Gray-value augmentation of the SegCLR training (tuned on h01): x * a + c with a in
 # 1 +- GRAY_SCALE and c in +- GRAY_OFFSET, clipped to [0, 1], then x ** 2^u, u in +- GAMMA_LOG2.
 GRAY_SCALE = 0.25
@@ -80,33 +75,17 @@ class PairTable:
                 "label_volume_name": self.label_volume_name}
 
 
-def pair_example(centers: np.ndarray, segment_id: int, distance_nm: int,
-                 dist_to_border: tuple[int, int], vol_name: str, label_volume_name: str) -> bytes:
-    """One serialised pair record: `centers` [2, 3] voxels (x, y, z) on segment `segment_id`."""
-    def ints(values) -> tf.train.Feature:
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
-
-    def text(value: str) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
-
-    signed = int(np.uint64(segment_id).view(np.int64))
-    features = {"distance": ints([distance_nm]), "vol_name": text(vol_name),
-                "label_volume_name": text(label_volume_name)}
-    for view in (0, 1):
-        features[f"center-{view}"] = ints(centers[view])
-        features[f"skeleton_id-{view}"] = ints([signed])
-        features[f"dist_to_border-{view}"] = ints([dist_to_border[view]])
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
-
-
 def pair_files(pattern: str) -> list[str]:
-    """The files of a pair table: a glob, or a prefix NAME.tfrecord of NAME.tfrecord-*-of-*."""
-    patterns = [pattern] if glob.has_magic(pattern) else [pattern, pattern + "-*-of-*"]
+    """The files of a pair table: a glob, a prefix NAME.tfrecord of NAME.tfrecord-*-of-*, or
+    a directory holding PAIR_TABLE_PREFIX-*-of-*."""
+    patterns = [pattern] if glob.has_magic(pattern) else [
+        pattern.rstrip("/") + f"/{PAIR_TABLE_PREFIX}-*-of-*", pattern, pattern + "-*-of-*"]
     for candidate in patterns:
         found = [m.path for m in FileSystems.match([candidate])[0].metadata_list]
         if found:
             return sorted(found)
-    raise PairTableError(f"pair table {pattern!r}: no files match it (nor {pattern}-*-of-*)")
+    raise PairTableError(f"pair table {pattern!r}: no files match it (nor {pattern}-*-of-*, "
+                         f"nor {PAIR_TABLE_PREFIX}-*-of-* in it)")
 
 
 def _read_file(path: str) -> dict[str, np.ndarray]:
