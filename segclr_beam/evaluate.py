@@ -18,7 +18,7 @@ import csv
 import dataclasses
 import io
 import json
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -115,12 +115,14 @@ def variant_trees(output_dir: str) -> dict[str, str]:
     return {name: path for name, (_, path) in sorted(trees.items(), key=lambda t: t[1][0])}
 
 
-def read_nodes(tree: str) -> Nodes:
-    """Every node of a tree (through reader.EmbeddingReader), sorted by (segment, node)."""
+def read_nodes(tree: str, segment_ids: Iterable[int]) -> Nodes:
+    """The nodes of those of `segment_ids` a tree holds (reader.EmbeddingReader, each shard
+    read once), sorted by (segment, node)."""
     reader = EmbeddingReader(tree)
-    segments = list(reader)
+    segments = list(reader.read_segments(segment_ids))
     if not segments:
-        raise EvaluationError(f"{tree}: holds no nodes")
+        raise EvaluationError(f"{tree}: holds none of the {len(set(segment_ids))} labelled "
+                              "segments")
     ids = np.concatenate([np.full(len(s), s.segment_id, np.uint64) for s in segments])
     nodes = np.concatenate([s.node_ids for s in segments])
     voxels = reader.coordinates.to_voxels(np.concatenate([s.xyz for s in segments]))
@@ -242,13 +244,10 @@ def evaluate(output_dir: str, labels: Mapping[int, str], *, k: int = DEFAULT_K,
     if raw not in trees:
         raise EvaluationError(f"{output_dir}: has no {raw}/ tree, whose nodes every variant "
                               "and the baseline are scored on")
-    reference = read_nodes(trees[raw])
-    known = np.isin(reference.segment_ids, np.fromiter(labels, np.uint64, len(labels)))
-    if not known.any():
-        raise EvaluationError(f"{output_dir}: none of its {len(np.unique(reference.segment_ids))}"
-                              " segments has a label")
-    unlabelled = len(np.unique(reference.segment_ids[~known]))
-    named = np.array([labels[int(s)] if k else "" for s, k in zip(reference.segment_ids, known)])
+    reference = read_nodes(trees[raw], labels)
+    missing = len(set(labels) - {int(s) for s in np.unique(reference.segment_ids)})
+    named = np.array([labels[int(s)] for s in reference.segment_ids])
+    known = np.ones(len(named), dtype=bool)
     left_out = {}
     for name in sorted(set(named[known].tolist())):
         count = len(np.unique(reference.segment_ids[named == name]))
@@ -260,7 +259,7 @@ def evaluate(output_dir: str, labels: Mapping[int, str], *, k: int = DEFAULT_K,
                               f"labelled segments (left out: {left_out})")
     classes, segment_ids = named[known], reference.segment_ids[known]
     split = segment_folds(classes, segment_ids, folds, seed)
-    variants = {name: read_nodes(path) for name, path in trees.items()}
+    variants = {name: read_nodes(path, labels) for name, path in trees.items()}
     if baseline:
         variants.update(_baseline(output_dir, trees, reference, segmentation, cutout_size))
     scores = {}
@@ -276,7 +275,7 @@ def evaluate(output_dir: str, labels: Mapping[int, str], *, k: int = DEFAULT_K,
     return {"output": output_dir, "k": k, "folds": folds, "seed": seed,
             "cross_validation": "StratifiedGroupKFold by segment; scores of the held-out nodes",
             "classes": per_class,
-            "unlabelled_segments": unlabelled,
+            "labelled_segments_not_in_run": missing,
             "left_out_classes": left_out,
             "variants": scores}
 
@@ -329,8 +328,8 @@ def format_table(result: dict) -> str:
                         for n, c in result["classes"].items())
     left_out = "".join(f"; left out: {n} ({c} segment)"
                        for n, c in result["left_out_classes"].items())
-    lines.append(f"classes: {classes}; unlabelled segments: {result['unlabelled_segments']}"
-                 f"{left_out}")
+    lines.append(f"classes: {classes}; labelled segments not in the run: "
+                 f"{result['labelled_segments_not_in_run']}{left_out}")
     return "\n".join(lines)
 
 

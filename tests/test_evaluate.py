@@ -193,7 +193,7 @@ def test_labels_files_and_their_errors(synthetic_dataset, tmp_path):
 
 
 def test_runs_without_labels_or_trees_are_refused(class_run, tmp_path):
-    with pytest.raises(EvaluationError, match="none of its .* segments has a label"):
+    with pytest.raises(EvaluationError, match="holds none of the 1 labelled segments"):
         evaluate.evaluate(class_run, {1: "axon"})
     with pytest.raises(EvaluationError, match="no embedding tree"):
         evaluate.evaluate(str(tmp_path), {1: "axon"})
