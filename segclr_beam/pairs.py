@@ -30,7 +30,8 @@ from segclr_beam.volume import Box
 FORMAT_VERSION = 1
 INFO_NAME = "info.json"
 _BYTEWIDTH = 8  # segment ids are uint64
-# Rows of path lengths computed at once: bounds the memory of one batch to ~128 MiB.
+# Nodes whose paths are searched together, and the most path lengths held at once (~128 MiB).
+_BATCH_NODES = 256
 _BATCH_VALUES = 1 << 24
 
 
@@ -114,22 +115,40 @@ def skeleton_graph(vertices_nm: np.ndarray, edges: np.ndarray) -> scipy.sparse.c
 def candidate_pairs(graph: scipy.sparse.csr_matrix, nodes: np.ndarray, min_nm: float,
                     max_nm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All node pairs i < j (indices into `nodes`, vertex ids) whose path length on `graph`
-    lies in [min_nm, max_nm]: (i, j, length), sorted by (i, j)."""
+    lies in [min_nm, max_nm]: (i, j, length), sorted by (i, j).
+
+    Nodes are taken in batches of consecutive ones (neighbours along the skeleton, as node
+    ids go), and each batch's paths are searched on the part of the graph within `max_nm`
+    of it: a path no longer than `max_nm` never leaves it, so lengths are exact, and the
+    work grows with the cable near the nodes, not with the whole skeleton per node.
+    """
     n, size = len(nodes), graph.shape[0]
-    batch = max(1, min(n, _BATCH_VALUES // max(size, 1)))
     found_i, found_j, found_d = [], [], []
-    for start in range(0, n, batch):
-        rows = np.arange(start, min(start + batch, n))
-        lengths = scipy.sparse.csgraph.dijkstra(graph, directed=False, indices=nodes[rows],
-                                                limit=max_nm)[:, nodes]
-        keep = (lengths >= min_nm) & (lengths <= max_nm) & (np.arange(n) > rows[:, None])
-        i, j = np.nonzero(keep)
-        found_i.append(rows[i])
-        found_j.append(j)
-        found_d.append(lengths[i, j])
-    return (np.concatenate(found_i or [np.zeros(0, np.int64)]),
-            np.concatenate(found_j or [np.zeros(0, np.int64)]),
-            np.concatenate(found_d or [np.zeros(0)]))
+    for start in range(0, n, _BATCH_NODES):
+        batch = np.arange(start, min(start + _BATCH_NODES, n))
+        reach = scipy.sparse.csgraph.dijkstra(graph, directed=False, indices=nodes[batch],
+                                              limit=max_nm, min_only=True)
+        near = np.flatnonzero(np.isfinite(reach))
+        local = np.full(size, -1, dtype=np.int64)
+        local[near] = np.arange(len(near))
+        columns = np.flatnonzero(local[nodes] >= 0)  # nodes within max_nm of the batch
+        part = graph[near][:, near]
+        rows_at_once = max(1, _BATCH_VALUES // max(len(near), 1))
+        for first in range(0, len(batch), rows_at_once):
+            rows = batch[first:first + rows_at_once]
+            lengths = scipy.sparse.csgraph.dijkstra(
+                part, directed=False, indices=local[nodes[rows]],
+                limit=max_nm)[:, local[nodes[columns]]]
+            keep = (lengths >= min_nm) & (lengths <= max_nm) & (columns > rows[:, None])
+            i, j = np.nonzero(keep)
+            found_i.append(rows[i])
+            found_j.append(columns[j])
+            found_d.append(lengths[i, j])
+    i, j, d = (np.concatenate(found_i or [np.zeros(0, np.int64)]),
+               np.concatenate(found_j or [np.zeros(0, np.int64)]),
+               np.concatenate(found_d or [np.zeros(0)]))
+    order = np.lexsort((j, i))
+    return i[order], j[order], d[order]
 
 
 def choose(count: int, options: PairOptions, rng: np.random.Generator
