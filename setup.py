@@ -26,6 +26,7 @@ setup(
         "neuroglancer==2.40.*",
         "numpy>=1.26",
         "osteoid>=0.7",
+        "scikit-learn>=1.4",  # evaluate: k-NN and linear probes, grouped cross-validation
         "scipy>=1.11",
         "tensorstore>=0.1.60",
     ],

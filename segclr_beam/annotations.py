@@ -32,7 +32,7 @@ import dataclasses
 import hashlib
 import json
 import struct
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -42,7 +42,7 @@ from neuroglancer import AnnotationPropertySpec, CoordinateSpace
 from neuroglancer.write_annotations import AnnotationWriter
 
 from segclr_beam import shards
-from segclr_beam.records import EmbeddingTable, Point
+from segclr_beam.records import EmbeddingTable
 from segclr_beam.volume import Box
 
 DIRECTORY = "annotations"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 
@@ -28,20 +29,77 @@ def _widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def _add_architecture(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--widths", type=_widths, default=None, help="stage widths, e.g. 64,128,256,512")
+    p.add_argument("--input-size", type=int, default=None, help="cutout edge in voxels")
+    p.add_argument("--bottleneck-width", type=int, default=None)
+    p.add_argument("--embedding-dim", type=int, default=None)
+
+
+def _architecture(args: argparse.Namespace):
+    """The Architecture of the size flags given (the others published), or None if none is."""
+    from segclr_beam import model
+
+    sizes = {"widths": args.widths, "input_size": args.input_size,
+             "bottleneck_width": args.bottleneck_width, "embedding_dim": args.embedding_dim}
+    given = {k: v for k, v in sizes.items() if v is not None}
+    return model.Architecture(**given) if given else None
+
+
 def _export_model(args: argparse.Namespace) -> None:
     import json
 
     from segclr_beam import model
 
-    sizes = {"widths": args.widths, "input_size": args.input_size,
-             "bottleneck_width": args.bottleneck_width, "embedding_dim": args.embedding_dim}
     try:
-        arch = model.Architecture(**{k: v for k, v in sizes.items() if v is not None})
+        arch = _architecture(args)  # None: the checkpoint's (if trained here), or published
         identity = model.export_saved_model(args.out, arch, checkpoint=args.checkpoint,
                                             seed=args.seed)
     except (OSError, ValueError) as e:
         raise SystemExit(f"segclr-beam export-model: {e}") from None
     print(json.dumps(identity, indent=2, sort_keys=True))
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with its help; defaults stay the config's."""
+    import dataclasses
+
+    from segclr_beam.train import TrainConfig
+
+    kinds = {"int": int, "float": float, "resolution": lambda t: _triple(t, float)}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "architecture":
+            _add_architecture(p)
+            continue
+        kind = kinds.get(field.name, kinds.get(str(field.type), str))
+        default = "" if field.default is None else f" (default {field.default})"
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None,
+                       required=field.name in ("pairs", "em", "segmentation", "out"),
+                       help=field.metadata["help"] + default)
+
+
+_TRAIN = ("train the SegCLR network, or fine-tune a checkpoint, on a positive-pair table; a "
+          "rerun of a killed run resumes it (`segclr-beam train --help` for its options)")
+
+
+def _train(args: argparse.Namespace) -> None:
+    import json
+
+    from segclr_beam import runner, train
+
+    parser = argparse.ArgumentParser(prog="segclr-beam train", description=_TRAIN)
+    _add_train_flags(parser)
+    args = parser.parse_args(args.forwarded)
+    runner.configure_logging()
+    try:
+        fields = {k: v for k, v in vars(args).items()
+                  if k in {f.name for f in dataclasses.fields(train.TrainConfig)} and v is not None}
+        arch = _architecture(args)
+        config = train.TrainConfig(**fields, **({"architecture": arch} if arch else {}))
+        record = train.train(config)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"segclr-beam train: {e}") from None
+    print(json.dumps(record, indent=2, sort_keys=True))
 
 
 def _read(args: argparse.Namespace) -> None:
@@ -115,6 +173,21 @@ def _view(args: argparse.Namespace) -> None:
         viewer.stop()
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from segclr_beam import evaluate
+
+    try:
+        result = evaluate.evaluate(
+            args.output, evaluate.load_labels(args.labels), k=args.k, folds=args.folds,
+            seed=args.seed, baseline=args.baseline, segmentation=args.segmentation)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"segclr-beam evaluate: {e}") from None
+    print(evaluate.format_table(result))
+    if args.json:
+        evaluate.write_json(result, args.json)
+        print(f"written: {args.json}")
+
+
 # Jobs with a parser of their own in pipelines/: `segclr-beam JOB ...` is `python -m pipelines.JOB ...`.
 _JOBS = {
     "embed": "embed every segment of a volume: points, cutouts, SegCLR, radius means, outputs "
@@ -122,6 +195,9 @@ _JOBS = {
     "reprocess": "embed a new segmentation version into a new output tree, re-embedding only "
                  "what changed since a previous run (`segclr-beam reprocess --help` for its "
                  "options)",
+    "pairs": "write the positive-pair table for training: node pairs of every segment's "
+             "skeleton within a path distance range (`segclr-beam pairs --help` for its "
+             "options)",
 }
 
 
@@ -130,6 +206,7 @@ def _job(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from segclr_beam import evaluate
     from segclr_beam.config import add_flags
 
     parser = argparse.ArgumentParser(prog="segclr-beam", description=__doc__)
@@ -148,12 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint prefix (TF1 or tf2resaved layout); without it the weights "
                         "are random")
     p.add_argument("--out", required=True, help="new SavedModel directory (local or gs://)")
-    p.add_argument("--widths", type=_widths, default=None, help="stage widths, e.g. 64,128,256,512")
-    p.add_argument("--input-size", type=int, default=None, help="cutout edge in voxels")
-    p.add_argument("--bottleneck-width", type=int, default=None)
-    p.add_argument("--embedding-dim", type=int, default=None)
+    _add_architecture(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(run=_export_model)
+
+    commands.add_parser("train", add_help=False, help=_TRAIN).set_defaults(run=_train,
+                                                                           forwarded=[])
 
     p = commands.add_parser("read", help="summarize one segment of an embedding output tree "
                             "(CSV-ZIP; a public release needs --num-shards and --bytewidth)")
@@ -191,6 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the viewer and the local file servers listen on")
     p.add_argument("--port", type=int, default=0, help="viewer port (0: any free port)")
     p.set_defaults(run=_view)
+
+    p = commands.add_parser(
+        "evaluate", help="how well a run's embeddings separate labelled classes: k-NN and "
+        "linear-probe classification cross-validated by segment, on every variant")
+    p.add_argument("output", help="an embedding run's output root (local or gs://)")
+    p.add_argument("--labels", required=True, help="segment id -> class: JSON ({id: class}, "
+                   "or a synthetic dataset's classes.json) or CSV with segment_id,class")
+    p.add_argument("--json", default=None, help="also write the scores here as JSON")
+    p.add_argument("--k", type=int, default=evaluate.DEFAULT_K,
+                   help=f"neighbours of k-NN (default {evaluate.DEFAULT_K})")
+    p.add_argument("--folds", type=int, default=evaluate.DEFAULT_FOLDS,
+                   help=f"cross-validation folds (default {evaluate.DEFAULT_FOLDS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds (default 0)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also score the trivial baseline: hand features of each node's mask "
+                        "in its cutout window (voxel fraction, extents, spread)")
+    p.add_argument("--segmentation", default=None,
+                   help="segmentation for the baseline (default: the run's, from run.json)")
+    p.set_defaults(run=_evaluate)
 
     for name, text in _JOBS.items():
         commands.add_parser(name, add_help=False, help=text).set_defaults(run=_job, forwarded=[])

@@ -1,4 +1,5 @@
-"""The configuration of an embedding run: one dataclass filled from a JSON file and flags.
+"""The configuration of a run: one dataclass per job (EmbedConfig, PairsConfig) filled from a
+JSON file and flags.
 
 Each field carries its help text and, for flags, how to parse it (dataclass field metadata),
 so the commands' flags and the Flex Template parameters are generated from this one place.
@@ -16,6 +17,7 @@ from typing import Any, Callable, Collection, Sequence
 from segclr_beam.aggregate import DEFAULT_RADII_NM, check_radii
 from segclr_beam.cutouts import DEFAULT_BLOCK_SIZE, DEFAULT_CUTOUT_SIZE, check_cutout_size
 from segclr_beam.outputs import FORMATS
+from segclr_beam.pairs import PairOptions
 from segclr_beam.shards import check_sharding
 from segclr_beam.skeleton import SkeletonOptions
 from segclr_beam.volume import DEFAULT_RESOLUTION
@@ -107,17 +109,7 @@ class EmbedConfig:
     @staticmethod
     def read_fields(path: str) -> dict:
         """The fields a JSON config file sets, names checked; errors name the file."""
-        from apache_beam.io.filesystems import FileSystems
-
-        try:
-            with FileSystems.open(path) as f:
-                data = json.loads(f.read())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"config file {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a JSON object of fields")
-        _check_names(data, path)
-        return data
+        return _read_fields(path, EmbedConfig)
 
     @classmethod
     def from_json(cls, path: str) -> "EmbedConfig":
@@ -174,8 +166,116 @@ class EmbedConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
-def _check_names(data: dict, source: str) -> None:
-    known = {f.name for f in dataclasses.fields(EmbedConfig)}
+def _read_fields(path: str, config: type) -> dict:
+    """The fields of `config` a JSON config file sets, names checked; errors name the file."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path) as f:
+            data = json.loads(f.read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object of fields")
+    _check_names(data, path, config)
+    return data
+
+
+def _same(name: str, **changes) -> Any:
+    """EmbedConfig's field `name` (default, help, flag parsing) for another configuration;
+    `changes` replace parts of its metadata (e.g. required=False)."""
+    field = EmbedConfig.__dataclass_fields__[name]
+    return dataclasses.field(default=field.default, metadata={**field.metadata, **changes})
+
+
+_PAIRS = PairOptions()
+
+
+@dataclasses.dataclass
+class PairsConfig:
+    """Everything a pair-table run needs (`segclr-beam pairs`). Paths may be local or gs://.
+
+    Shared settings (volumes, box, skeletonization, sampling) are EmbedConfig's, so a table
+    made with the same settings as an embedding run pairs that run's nodes.
+    """
+
+    segmentation: Any = _same("segmentation")
+    em: Any = _same("em", required=False, label=None,
+                    help="EM volume the table is for (optional): its name goes into the "
+                         "records and every centre must lie inside it")
+    output: str | None = _field(None, "output directory of the pair table (local or gs://)",
+                                required=True, label="Output directory")
+    points_from: str | None = _field(
+        None, "an earlier embedding run's output root: pair the nodes of its points.avro on "
+        "its skeletons/ (written with --write-skeletons) instead of skeletonizing",
+        label="Earlier run")
+    resolution: tuple[float, float, float] = _same("resolution")
+    bbox: tuple[int, int, int, int, int, int] | None = _same("bbox")
+    segments: tuple[int, ...] | None = _same("segments")
+    chunk_size: int = _same("chunk_size")
+    min_voxels: int = _same("min_voxels")
+    spacing_nm: float = _same("spacing_nm")
+    min_distance_nm: float = _field(_PAIRS.min_distance_nm, "shortest path length between "
+                                    "the two nodes of a pair along the skeleton, nm", float,
+                                    label="Shortest pair distance")
+    max_distance_nm: float = _field(_PAIRS.max_distance_nm, "longest path length between the "
+                                    "two nodes of a pair along the skeleton, nm", float,
+                                    label="Longest pair distance")
+    min_pairs: int = _field(_PAIRS.min_pairs, "pairs per segment that has any, at least: a "
+                            "segment with fewer repeats its own", int)
+    max_pairs: int = _field(_PAIRS.max_pairs, "pairs per segment, at most: more are sampled "
+                            "down", int, label="Pairs per segment")
+    seed: int = _field(_PAIRS.seed, "seed of the sampling; the same seed gives the same table",
+                       int)
+    num_shards: int = _field(64, "pair table files", int, label="Files")
+    vol_name: str | None = _field(None, "EM volume name in the records (default: --em as "
+                                  "given, or empty)")
+    label_volume_name: str | None = _field(None, "segmentation name in the records (default: "
+                                           "--segmentation as given)")
+    write_skeletons: bool = _same("write_skeletons")
+    overwrite: bool = _same("overwrite", help="replace a previous pair table in the output "
+                            "directory")
+
+    @staticmethod
+    def read_fields(path: str) -> dict:
+        """The fields a JSON config file sets, names checked; errors name the file."""
+        return _read_fields(path, PairsConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "PairsConfig":
+        _check_names(data, source, cls)
+        return cls().updated(data)
+
+    def updated(self, overrides: dict) -> "PairsConfig":
+        """A copy with the non-None values of `overrides` replacing fields, lists as tuples."""
+        values = dataclasses.asdict(self)
+        values.update({k: tuple(v) if isinstance(v, list) else v
+                       for k, v in overrides.items() if v is not None})
+        return PairsConfig(**values)
+
+    def options(self) -> PairOptions:
+        return PairOptions(self.min_distance_nm, self.max_distance_nm, self.min_pairs,
+                           self.max_pairs, self.seed)
+
+    def validate(self) -> "PairsConfig":
+        """Check every field that can be checked without touching storage."""
+        for field in dataclasses.fields(self):
+            if field.metadata["required"] and not getattr(self, field.name):
+                raise ConfigError(f"{field.name}: required")
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name in EmbedConfig.__dataclass_fields__}
+        EmbedConfig(**{**shared, "em": "-", "model": "-"}).validate()
+        _checked("min_distance_nm", self.options)
+        if not 1 <= self.num_shards <= 99999:
+            raise ConfigError(f"num_shards: must be in 1 .. 99999, got {self.num_shards}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _check_names(data: dict, source: str, config: type = None) -> None:
+    known = {f.name for f in dataclasses.fields(config or EmbedConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown field in {source} "
@@ -189,7 +289,8 @@ def _checked(name: str, check: Callable, *values) -> None:
         check(*values)
     except ValueError as e:
         message = str(e)
-        if message.split(":")[0] not in {f.name for f in dataclasses.fields(EmbedConfig)}:
+        known = {f.name for c in (EmbedConfig, PairsConfig) for f in dataclasses.fields(c)}
+        if message.split(":")[0] not in known:
             message = f"{name}: {message}"
         raise ConfigError(message) from None
 
@@ -227,13 +328,14 @@ def _flag_type(parse: Callable) -> Callable:
 
 
 def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None,
-              defaults: bool = False) -> None:
-    """A flag per EmbedConfig field (or per field in `names`), e.g. --chunk-size.
+              defaults: bool = False, config: type | None = None) -> None:
+    """A flag per field of `config` (EmbedConfig by default), or per field in `names`, e.g.
+    --chunk-size.
 
     Without `defaults` every flag defaults to None, so that only the flags a user gives
     override a JSON file (or a previous run) and the dataclass defaults.
     """
-    for field in dataclasses.fields(EmbedConfig):
+    for field in dataclasses.fields(config or EmbedConfig):
         if names is not None and field.name not in names:
             continue
         flag = "--" + field.name.replace("_", "-")

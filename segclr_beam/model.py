@@ -15,6 +15,7 @@ convolution, batch norms that follow a linear layer folded into it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -24,7 +25,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from typing import AbstractSet, Any, Sequence
+from typing import AbstractSet, Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +36,10 @@ keras = tf.keras  # Keras 3, the TensorFlow backend.
 BN_EPSILON = 1e-5
 STEM = "base_model_0/resnet18/stage_1"
 BOTTLENECK = "bottleneck_head_0"
+PROJECTION_HEAD = "projection_head_0_0"
+PROJECTION_DIM = 16
+# The record of the run that trained a checkpoint, in the checkpoint's directory.
+TRAINING_RECORD = "training.json"
 # The identity record of an exported model, relative to the SavedModel directory.
 IDENTITY_FILE = "assets.extra/segclr_model.json"
 SERVING_INPUT = "cutouts"
@@ -141,14 +146,29 @@ def build_model(arch: Architecture = Architecture()) -> keras.Model:
             x = _block(x, f"base_model_0/resnet18/stage_{stage}/block_{block}", filters, stride,
                        projection=block == "a")
     x = keras.layers.GlobalAveragePooling3D(name="global_average_pool")(x)
-    head_widths = (arch.bottleneck_width, arch.bottleneck_width, arch.embedding_dim)
-    for i, width in enumerate(head_widths):
-        x = keras.layers.Dense(width, use_bias=False,
-                               name=_layer_name(f"{BOTTLENECK}/nl_{i}/dense"))(x)
-        x = _bn(x, f"{BOTTLENECK}/nl_{i}/nl_{i}_bn")
-        if i < len(head_widths) - 1:
-            x = _relu(x, f"{BOTTLENECK}/nl_{i}/relu")
+    x = _head(x, BOTTLENECK, (arch.bottleneck_width, arch.bottleneck_width, arch.embedding_dim))
     return keras.Model(inputs, x, name="segclr")
+
+
+def _head(x, scope: str, widths: Sequence[int]):
+    """Dense layers without bias, each followed by batch norm, ReLU between them."""
+    for i, width in enumerate(widths):
+        x = keras.layers.Dense(width, use_bias=False, name=_layer_name(f"{scope}/nl_{i}/dense"))(x)
+        x = _bn(x, f"{scope}/nl_{i}/nl_{i}_bn")
+        if i < len(widths) - 1:
+            x = _relu(x, f"{scope}/nl_{i}/relu")
+    return x
+
+
+def build_projection_head(arch: Architecture = Architecture(),
+                          projection_dim: int = PROJECTION_DIM) -> keras.Model:
+    """The training-only projection head: embeddings [B, D] -> projections [B, projection_dim].
+
+    Its layers carry the published checkpoint scopes (D -> D -> D -> projection_dim).
+    """
+    inputs = keras.Input((arch.embedding_dim,), name="embedding")
+    widths = (arch.embedding_dim, arch.embedding_dim, projection_dim)
+    return keras.Model(inputs, _head(inputs, PROJECTION_HEAD, widths), name="projection_head")
 
 
 def checkpoint_weights(model: keras.Model) -> dict[str, Any]:
@@ -417,21 +437,54 @@ def _listing(title: str, lines: list[str]) -> str:
     return f"  {len(lines)} {title}:\n{shown}{more}"
 
 
-def load_checkpoint(model: keras.Model, prefix: str) -> None:
+def _checkpoint_files(prefix: str) -> list[str]:
+    """The files of the checkpoint `prefix` (its .index and data shards), local or remote."""
+    return sorted(m.path for m in FileSystems.match([prefix + ".*"])[0].metadata_list
+                  if m.path == prefix + ".index" or m.path.startswith(prefix + ".data-"))
+
+
+@contextlib.contextmanager
+def local_checkpoint(prefix: str) -> Iterator[str]:
+    """A local prefix of the checkpoint; remote ones (gs://) are copied to a temporary dir.
+
+    TensorFlow's own gs:// filesystem ignores storage emulators and other Beam
+    filesystem settings, so remote checkpoints are read through Beam's FileSystems.
+    """
+    if _is_local(prefix):
+        yield prefix
+        return
+    name = prefix.rstrip("/").rpartition("/")[2]
+    with tempfile.TemporaryDirectory(prefix="segclr-checkpoint-") as tmp:
+        for path in _checkpoint_files(prefix):
+            target = os.path.join(tmp, name + path[len(prefix):])
+            with FileSystems.open(path) as fin, open(target, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 22)
+        yield os.path.join(tmp, name)
+
+
+def load_checkpoint(model: keras.Model | Sequence[keras.Model], prefix: str) -> None:
     """Set the model's weights from a SegCLR checkpoint in either published key layout.
 
     Strict: every weight must be present as float32 with the model's shape, and every
     other variable must be training-only; otherwise CheckpointMismatchError lists the
     first offenders of each kind. The model is untouched unless everything matches.
+    Several models (the network and its projection head) load from one checkpoint together.
     """
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-    except (tf.errors.OpError, ValueError) as e:
-        raise ValueError(f"cannot read checkpoint {prefix!r}: {e}") from e
+    models = [model] if isinstance(model, keras.Model) else list(model)
+    with local_checkpoint(prefix) as local:
+        try:
+            reader = tf.train.load_checkpoint(local)
+        except (tf.errors.OpError, ValueError) as e:
+            raise ValueError(f"cannot read checkpoint {prefix!r}: {e}") from e
+        _load_weights(models, reader, prefix)
+
+
+def _load_weights(models: list[keras.Model], reader, prefix: str) -> None:
+    """Check every weight of `models` against the checkpoint, then assign them all."""
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
     keys = _variable_names(list(shapes))
-    weights = checkpoint_weights(model)
+    weights = {name: w for m in models for name, w in checkpoint_weights(m).items()}
     missing, misshapen, unexpected = [], [], []
     for name, weight in weights.items():
         expected = list(weight.shape)
@@ -518,7 +571,7 @@ def copy_tree(src: str, dst: str) -> None:
 
 
 def _identity(arch: Architecture, weights: str, seed: int | None, digest: str,
-              graph: dict[str, Any]) -> dict:
+              graph: dict[str, Any], training: dict | None = None) -> dict:
     content = json.dumps({"architecture": arch.to_dict(), "weights_sha256": digest},
                          sort_keys=True)
     model_id = hashlib.sha256(content.encode()).hexdigest()[:16]
@@ -538,6 +591,7 @@ def _identity(arch: Architecture, weights: str, seed: int | None, digest: str,
             "output": {"name": SERVING_OUTPUT, "dtype": "float32",
                        "shape": [None, arch.embedding_dim]},
         },
+        **({"training": training} if training is not None else {}),
     }
 
 
@@ -556,15 +610,38 @@ def _pin_fingerprint_uuid(saved_model_dir: str, identity: dict) -> None:
         f.write(fingerprint.SerializeToString(deterministic=True))
 
 
-def export_saved_model(out: str, arch: Architecture = Architecture(),
+def training_record(prefix: str) -> dict | None:
+    """The record that `segclr-beam train` wrote beside checkpoint `prefix`, if it did."""
+    directory, _, name = prefix.rstrip("/").rpartition("/")
+    path = FileSystems.join(directory or ".", TRAINING_RECORD)
+    if not FileSystems.exists(path):
+        return None
+    try:
+        with FileSystems.open(path) as f:
+            record = json.loads(f.read())
+        return record if record["checkpoint"] == name else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a training record: {e!r}") from None
+
+
+def export_saved_model(out: str, arch: Architecture | None = None,
                        checkpoint: str | None = None, seed: int = 0) -> dict:
     """Write the network as a SavedModel in `out` and return its identity record.
 
     Without `checkpoint` the weights are random (seeded); that is warned about and
-    recorded in the identity. `out` must not exist yet; a failure leaves nothing there.
+    recorded in the identity. A checkpoint written by `segclr-beam train` brings its
+    architecture and the record of its training run, which the identity keeps; otherwise
+    `arch` defaults to the published network. `out` must not exist yet; a failure leaves
+    nothing there.
     """
     if FileSystems.exists(out) or _files_under(out):
         raise FileExistsError(f"model output {out!r} already exists; choose a new directory")
+    training = training_record(checkpoint) if checkpoint is not None else None
+    trained = Architecture.from_dict(training["architecture"]) if training else None
+    if arch is not None and trained is not None and arch != trained:
+        raise ValueError(f"checkpoint {checkpoint!r} was trained with architecture "
+                         f"{trained.to_dict()}, not {arch.to_dict()}")
+    arch = arch or trained or Architecture()
     model = build_model(arch)
     if checkpoint is None:
         warnings.warn(f"exporting a SegCLR model with RANDOM weights (seed {seed}): its "
@@ -576,7 +653,7 @@ def export_saved_model(out: str, arch: Architecture = Architecture(),
     network = ServingNetwork(model, arch)
     identity = _identity(arch, RANDOM_INIT if checkpoint is None else checkpoint,
                          seed if checkpoint is None else None, weights_sha256(model),
-                         network.graph())
+                         network.graph(), training)
     local_parent = os.path.dirname(os.path.abspath(out)) if _is_local(out) else None
     if local_parent is not None:
         os.makedirs(local_parent, exist_ok=True)

@@ -11,7 +11,7 @@ import dataclasses
 import io
 import json
 import zipfile
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
@@ -77,6 +77,22 @@ class EmbeddingReader:
             if member not in archive.NameToInfo:
                 raise KeyError(f"segment {segment_id} is not in {path}")
             return self._parse(segment_id, archive.read(member))
+
+    def read_segments(self, segment_ids: Iterable[int]) -> Iterator[SegmentEmbeddings]:
+        """The nodes of those of `segment_ids` the tree holds (the others are skipped), each
+        shard read once, in shard order."""
+        by_shard: dict[int, list[int]] = {}
+        for segment_id in sorted({int(s) for s in segment_ids}):
+            by_shard.setdefault(self.shard_of(segment_id), []).append(segment_id)
+        for shard, wanted in sorted(by_shard.items()):
+            path = FileSystems.join(self.path, f"{shard}.zip")
+            if not FileSystems.exists(path):
+                continue
+            with self._open(path) as archive:
+                for segment_id in wanted:
+                    member = f"{segment_id}.csv"
+                    if member in archive.NameToInfo:
+                        yield self._parse(segment_id, archive.read(member))
 
     def __iter__(self) -> Iterator[SegmentEmbeddings]:
         """Every segment, shard by shard in shard order, members in archive order."""

@@ -1,5 +1,6 @@
 """The records that flow between the stages and into every output: sample points, embedding
-tables, segment ids as stored in Avro and TFRecord, and the names of the output variants."""
+tables, segment ids as stored in Avro and TFRecord, the names of the output variants, and the
+pair records of training tables (written by segclr_beam.pairs, read by segclr_beam.views)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,36 @@ def output_variants(radii_nm: Sequence[float], raw: bool = True) -> dict[str, fl
     variants.update({variant_name(float(r)): float(r) for r in radii_nm})
     return variants
 
+
+# A pair table's files in its directory: PAIR_TABLE_PREFIX-SSSSS-of-NNNNN.
+PAIR_TABLE_PREFIX = "pairs.tfrecord"
+# The features of a pair record, as in the published SegCLR training tables: shape, dtype.
+PAIR_SCHEMA = {
+    **{f"center-{v}": ((1, 3), "int64") for v in (0, 1)},
+    **{f"skeleton_id-{v}": ((1,), "int64") for v in (0, 1)},
+    "distance": ((1,), "int64"),
+    **{f"dist_to_border-{v}": ((1,), "int64") for v in (0, 1)},
+    "vol_name": ((1,), "string"),
+    "label_volume_name": ((1,), "string"),
+}
+
+
+def pair_example(centers: np.ndarray, segment_id: int, distance_nm: int,
+                 dist_to_border: tuple[int, int], vol_name: str, label_volume_name: str) -> bytes:
+    """One serialised pair record (tf.train.Example, deterministic bytes): `centers` [2, 3]
+    voxels (x, y, z) on segment `segment_id`, stored bit for bit as int64."""
+    from tensorflow.core.example import example_pb2  # protobuf only, not TensorFlow's runtime
+
+    example = example_pb2.Example()
+    feature = example.features.feature
+    feature["distance"].int64_list.value.append(int(distance_nm))
+    feature["vol_name"].bytes_list.value.append(vol_name.encode())
+    feature["label_volume_name"].bytes_list.value.append(label_volume_name.encode())
+    for view in (0, 1):
+        feature[f"center-{view}"].int64_list.value.extend(int(v) for v in centers[view])
+        feature[f"skeleton_id-{view}"].int64_list.value.append(as_long(int(segment_id)))
+        feature[f"dist_to_border-{view}"].int64_list.value.append(int(dist_to_border[view]))
+    return example.SerializeToString(deterministic=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -400,58 +400,44 @@ class _SkeletonizeChunk(beam.DoFn):
 
 
 class _MergeSegment(beam.DoFn):
-    """(segment id, {fragments, voxels}) -> the segment's Points if it is large enough, and
-    its skeleton file (tagged `skeletons`) when skeletons are written."""
+    """(segment id, {fragments, voxels}) -> (segment id, merged skeleton) if it is large
+    enough."""
 
-    def __init__(self, resolution: Sequence[float], options: SkeletonOptions,
-                 write_skeletons: bool):
+    def __init__(self, resolution: Sequence[float], options: SkeletonOptions):
         self._resolution, self._options = tuple(resolution), options
-        self._write_skeletons = write_skeletons
         self._segments, self._small = _counter("segments_skeletonized"), _counter("segments_too_small")
-        self._empty, self._points = _counter("segments_without_skeleton"), _counter("points_sampled")
 
     def process(self, element):
         segment_id, grouped = element
         if sum(grouped[_VOXELS]) < self._options.min_voxels:
             self._small.inc()
             return
-        skeleton = merge_fragments(grouped[_FRAGMENTS], self._resolution, self._options)
-        points = skeleton_points(segment_id, skeleton, self._resolution, self._options.spacing_nm)
-        if not points:  # only pieces of single voxels, which kimimaro does not skeletonize
-            self._empty.inc()
-            return
         self._segments.inc()
-        self._points.inc(len(points))
-        yield from points
-        if self._write_skeletons:
-            yield beam.pvalue.TaggedOutput(
-                _SKELETONS, (segment_id, to_precomputed(skeleton, self._resolution)))
+        yield segment_id, merge_fragments(grouped[_FRAGMENTS], self._resolution, self._options)
 
 
-class SkeletonizeSegments(beam.PTransform):
-    """Sample points of every segment in a bounding box, from chunked kimimaro skeletons.
+class MergedSkeletons(beam.PTransform):
+    """(segment id, merged skeleton in nm) of every segment in a bounding box, from chunked
+    kimimaro skeletons.
 
     Chunks of `options.chunk_size` voxels are skeletonized independently and in parallel; the
-    fragments of each segment are grouped, merged and cleaned into one skeleton, along which
-    points are sampled every `options.spacing_nm`. Segments with fewer than
-    `options.min_voxels` voxels inside the box are dropped; `segment_ids`, if given, restricts
-    the work to those segments. With `skeleton_dir`, the merged skeletons are also written
-    there as neuroglancer precomputed skeletons (the info file last). More than
-    `max_absent_chunks` absent storage chunks of the segmentation fail the stage
-    (volume.AbsentChunks); the tolerated ones are counted (`absent_chunks_segmentation`).
+    fragments of each segment are grouped, merged and cleaned into one skeleton. Segments with
+    fewer than `options.min_voxels` voxels inside the box are dropped; `segment_ids`, if
+    given, restricts the work to those segments. More than `max_absent_chunks` absent storage
+    chunks of the segmentation fail the stage (volume.AbsentChunks); the tolerated ones are
+    counted (`absent_chunks_segmentation`). Skeletons are meant for a stage fused after this
+    one (sampling, pairs), not for a shuffle.
     """
 
     def __init__(self, segmentation: Volume, bbox: Box | None = None,
                  options: SkeletonOptions = SkeletonOptions(),
-                 segment_ids: Collection[int] | None = None, skeleton_dir: str | None = None,
-                 max_absent_chunks: int = 0):
+                 segment_ids: Collection[int] | None = None, max_absent_chunks: int = 0):
         super().__init__()
         self._max_absent = max_absent_chunks
         bbox = segmentation.bounds if bbox is None else bbox
         self._chunks = plan_chunks(bbox, options.chunk_size, segmentation.bounds)
         self._segmentation, self._options = segmentation, options
         self._segment_ids = None if segment_ids is None else frozenset(map(int, segment_ids))
-        self._skeleton_dir = skeleton_dir
 
     def expand(self, pbegin):
         found = (pbegin
@@ -461,17 +447,63 @@ class SkeletonizeSegments(beam.PTransform):
                      self._segmentation, self._options, self._segment_ids, self._max_absent)
                  ).with_outputs(_VOXELS, main=_FRAGMENTS))
         voxels = found[_VOXELS] | "SumVoxels" >> beam.CombinePerKey(sum)
-        merged = ({_FRAGMENTS: found[_FRAGMENTS], _VOXELS: voxels}
-                  | "BySegment" >> beam.CoGroupByKey()
-                  | "Merge" >> beam.ParDo(_MergeSegment(
-                      self._segmentation.resolution, self._options,
-                      self._skeleton_dir is not None)).with_outputs(_SKELETONS, main="points"))
+        return ({_FRAGMENTS: found[_FRAGMENTS], _VOXELS: voxels}
+                | "BySegment" >> beam.CoGroupByKey()
+                | "Merge" >> beam.ParDo(_MergeSegment(self._segmentation.resolution,
+                                                      self._options)))
+
+
+class _SampleSegment(beam.DoFn):
+    """(segment id, merged skeleton) -> its Points, and its skeleton file (tagged
+    `skeletons`) when skeletons are written."""
+
+    def __init__(self, resolution: Sequence[float], spacing_nm: float, write_skeletons: bool):
+        self._resolution, self._spacing_nm = tuple(resolution), spacing_nm
+        self._write_skeletons = write_skeletons
+        self._empty, self._points = _counter("segments_without_skeleton"), _counter("points_sampled")
+
+    def process(self, element):
+        segment_id, skeleton = element
+        points = skeleton_points(segment_id, skeleton, self._resolution, self._spacing_nm)
+        if not points:  # only pieces of single voxels, which kimimaro does not skeletonize
+            self._empty.inc()
+            return
+        self._points.inc(len(points))
+        yield from points
+        if self._write_skeletons:
+            yield beam.pvalue.TaggedOutput(
+                _SKELETONS, (segment_id, to_precomputed(skeleton, self._resolution)))
+
+
+class SkeletonizeSegments(beam.PTransform):
+    """Sample points of every segment in a bounding box, from chunked kimimaro skeletons
+    (`MergedSkeletons`), every `options.spacing_nm` of path length along each. With
+    `skeleton_dir`, the merged skeletons are also written there as neuroglancer precomputed
+    skeletons (the info file last).
+    """
+
+    def __init__(self, segmentation: Volume, bbox: Box | None = None,
+                 options: SkeletonOptions = SkeletonOptions(),
+                 segment_ids: Collection[int] | None = None, skeleton_dir: str | None = None,
+                 max_absent_chunks: int = 0):
+        super().__init__()
+        self._skeletons = MergedSkeletons(segmentation, bbox, options, segment_ids,
+                                          max_absent_chunks)
+        self._resolution, self._spacing_nm = segmentation.resolution, options.spacing_nm
+        self._skeleton_dir = skeleton_dir
+
+    def expand(self, pbegin):
+        sampled = (pbegin
+                   | "Skeletons" >> self._skeletons
+                   | "Sample" >> beam.ParDo(_SampleSegment(
+                       self._resolution, self._spacing_nm, self._skeleton_dir is not None)
+                   ).with_outputs(_SKELETONS, main="points"))
         if self._skeleton_dir is not None:
-            _ = merged[_SKELETONS] | "WriteSkeletons" >> _WriteSkeletons(self._skeleton_dir)
-        return merged["points"]
+            _ = sampled[_SKELETONS] | "WriteSkeletons" >> WriteSkeletons(self._skeleton_dir)
+        return sampled["points"]
 
 
-class _WriteSkeletons(beam.PTransform):
+class WriteSkeletons(beam.PTransform):
     """(segment id, precomputed bytes) -> files `{directory}/{segment id}`, then `info`."""
 
     def __init__(self, directory: str):

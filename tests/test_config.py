@@ -96,3 +96,29 @@ def test_validation_names_the_field(change, message):
     config.validate()
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(config, **change).validate()
+
+
+def test_pairs_config_shares_the_embed_fields_and_reads_json(tmp_path):
+    from pipelines import pairs as pairs_command
+    from segclr_beam.config import PairsConfig
+    from segclr_beam.pairs import PairOptions
+
+    embed_fields = {f.name: f for f in dataclasses.fields(EmbedConfig)}
+    shared = ("segmentation", "resolution", "bbox", "segments", "chunk_size", "min_voxels",
+              "spacing_nm", "write_skeletons")
+    for field in dataclasses.fields(PairsConfig):
+        if field.name in shared:
+            assert field.default == embed_fields[field.name].default, field.name
+            assert field.metadata["help"] == embed_fields[field.name].metadata["help"]
+    assert PairsConfig().options() == PairOptions()
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"segmentation": "s", "output": "o", "bbox": [0, 0, 0, 8, 8, 8],
+                                "max_pairs": 50}))
+    args = pairs_command.build_parser().parse_args(["--config", str(path), "--seed", "3"])
+    config = pairs_command.config_from_args(args)
+    assert config.bbox == (0, 0, 0, 8, 8, 8) and config.max_pairs == 50 and config.seed == 3
+    path.write_text(json.dumps({"segmentation": "s", "model": "m"}))
+    with pytest.raises(ConfigError, match="^model: unknown field in"):
+        PairsConfig.read_fields(str(path))
+    with pytest.raises(ConfigError, match="^spacing_nm: must be > 0"):
+        PairsConfig(segmentation="s", output="o", spacing_nm=0).validate()

@@ -44,6 +44,14 @@ def test_reads_a_tree_without_info(release):
     assert {s.segment_id: len(s) for s in reader} == segments
 
 
+def test_reads_chosen_segments_and_skips_absent_ones(release):
+    path, segments = release
+    reader = EmbeddingReader(str(path), num_shards=NUM_SHARDS, bytewidth=BYTEWIDTH)
+    found = {s.segment_id: s for s in reader.read_segments([42, 7, 864691135591041291, 42])}
+    assert {k: len(v) for k, v in found.items()} == {42: 1, 864691135591041291: 3}
+    np.testing.assert_array_equal(found[42].embeddings, reader.read_segment(42).embeddings)
+
+
 def test_cli_read_prints_a_summary(release, capsys):
     path, _ = release
     cli.main(["read", str(path), "--segment", "864691135591041291", "--num-shards",
