@@ -153,6 +153,21 @@ def _points(args: argparse.Namespace) -> None:
     print("\n".join(points.shard_paths(args.out, args.num_shards)))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from segclr_beam import evaluate
+
+    try:
+        result = evaluate.evaluate(
+            args.output, evaluate.load_labels(args.labels), k=args.k, folds=args.folds,
+            seed=args.seed, baseline=args.baseline, segmentation=args.segmentation)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"segclr-beam evaluate: {e}") from None
+    print(evaluate.format_table(result))
+    if args.json:
+        evaluate.write_json(result, args.json)
+        print(f"written: {args.json}")
+
+
 # Jobs with a parser of their own in pipelines/: `segclr-beam JOB ...` is `python -m pipelines.JOB ...`.
 _JOBS = {
     "embed": "embed every segment of a volume: points, cutouts, SegCLR, radius means, outputs "
@@ -171,6 +186,7 @@ def _job(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from segclr_beam import evaluate
     from segclr_beam.config import add_flags
 
     parser = argparse.ArgumentParser(prog="segclr-beam", description=__doc__)
@@ -220,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the merged skeletons here (precomputed, for Neuroglancer)")
     p.add_argument("--num-shards", type=int, default=1, help="points files")
     p.set_defaults(run=_points, forwarded=[])
+
+    p = commands.add_parser(
+        "evaluate", help="how well a run's embeddings separate labelled classes: k-NN and "
+        "linear-probe classification cross-validated by segment, on every variant")
+    p.add_argument("output", help="an embedding run's output root (local or gs://)")
+    p.add_argument("--labels", required=True, help="segment id -> class: JSON ({id: class}, "
+                   "or a synthetic dataset's classes.json) or CSV with segment_id,class")
+    p.add_argument("--json", default=None, help="also write the scores here as JSON")
+    p.add_argument("--k", type=int, default=evaluate.DEFAULT_K,
+                   help=f"neighbours of k-NN (default {evaluate.DEFAULT_K})")
+    p.add_argument("--folds", type=int, default=evaluate.DEFAULT_FOLDS,
+                   help=f"cross-validation folds (default {evaluate.DEFAULT_FOLDS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds (default 0)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also score the trivial baseline: hand features of each node's mask "
+                        "in its cutout window (voxel fraction, extents, spread)")
+    p.add_argument("--segmentation", default=None,
+                   help="segmentation for the baseline (default: the run's, from run.json)")
+    p.set_defaults(run=_evaluate)
 
     for name, text in _JOBS.items():
         commands.add_parser(name, add_help=False, help=text).set_defaults(run=_job, forwarded=[])

@@ -243,3 +243,20 @@ def test_table_and_volumes_on_gcs(table, synthetic_dataset, gcs):
     np.testing.assert_array_equal(remote_table.centers, local_table.centers)
     np.testing.assert_array_equal(remote_table.distance_nm, local_table.distance_nm)
     assert remote_table.vol_name == synthetic_dataset.em
+
+
+def test_dataflow_translation(synthetic_dataset, tmp_path):
+    beam_args = ["--runner=DataflowRunner", "--dry_run=True", "--project=segclr-test",
+                 "--region=us-central1", "--temp_location=gs://segclr-test/tmp"]
+    summary = pairs_job.run(_config(synthetic_dataset, tmp_path / "out"), beam_args)
+    assert summary.info is None and not summary.counters
+    names = {t.unique_name for t in summary.result.job.proto_pipeline.components.transforms.values()}
+    assert {"Skeletons", "Sample", "Pairs", "Write"} <= names
+    assert not (tmp_path / "out" / "info.json").exists()
+
+
+def test_pairs_command_names_the_missing_field():
+    from segclr_beam import cli
+
+    with pytest.raises(SystemExit, match="segclr-beam pairs: segmentation: required"):
+        cli.main(["pairs", "--output", "o"])
