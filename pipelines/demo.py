@@ -1,37 +1,87 @@
-"""The demo: the whole job on the synthetic dataset, a summary and a picture.
+"""The demo: train a small SegCLR network on one synthetic volume, embed another with it and
+with random weights, score both, and draw the trained embeddings.
 
     python -m pipelines.demo [--data demo_data] [--out demo_output] [--published-size]
                              [Beam options, e.g. --direct_num_workers=1]
 
-Builds the synthetic dataset and a SegCLR model with random weights if they are absent, runs
-the embedding job locally on a class-balanced sample of the segments, prints what it did
-(segments, voxels and points per class, and the wall time) and writes `embeddings.png`: a
-2-D projection of the embeddings coloured by morphological class, and the sample points
-over an EM slice. It opens no viewer: it prints the `segclr-beam view` command that does.
+The first run writes two synthetic datasets (a training volume and an evaluation volume of
+another seed: evaluation never sees the training volume), adds the demo resolution to both,
+makes the positive-pair table of the training volume (`segclr-beam pairs`), trains the demo
+network for a fixed number of steps (`segclr-beam train`) and keeps all of it under `--data`;
+later runs reuse it. Every run then embeds a class-balanced sample of the evaluation volume's
+segments with the trained network and with the same network's random weights (the embedding
+job, locally), scores both by k-NN and a linear probe cross-validated by segment, beside a
+trivial baseline of mask features, and writes `embeddings.png`: a 2-D projection of the
+trained embeddings coloured by morphological class, and the sample points over an EM slice.
+It opens no viewer: it prints the `segclr-beam view` command that does.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import json
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 
 from segclr_beam import annotations, synth
-from segclr_beam.config import EmbedConfig
+from segclr_beam.config import EmbedConfig, PairsConfig
 from segclr_beam.runner import configure_logging
 
-# A quarter of the published widths: about 1/16 of its arithmetic, so the demo runs in
-# minutes on a laptop CPU. --published-size runs the published network instead.
-DEMO_WIDTHS = (16, 32, 64, 128)
-PUBLISHED_WIDTHS = (64, 128, 256, 512)
-# Segments embedded per class, drawn at random: every soma, two thirds of the glia and a
-# sample of the ~180 dendrites and ~600 axons of the default volume, so that the picture
-# shows every class and the job runs in minutes on a laptop.
-SAMPLE = {"axon": 24, "dendrite": 12, "soma": 6, "glia": 8}
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    """The network and the data it sees: resolution, cutout and widths, and its training."""
+
+    name: str
+    downsampling: int  # the demo resolution is the synthetic one times this, per axis
+    widths: tuple[int, ...]
+    cutout_size: int
+    bottleneck_width: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    min_distance_nm: float
+    max_distance_nm: float
+
+    @property
+    def tag(self) -> str:
+        """Names the pair table, training run and models of this size under --data."""
+        return f"{self.name}-{'-'.join(map(str, self.widths))}-{self.cutout_size}"
+
+    @property
+    def resolution(self) -> tuple[float, float, float]:
+        return tuple(r * self.downsampling for r in synth.RESOLUTION)
+
+    def architecture(self):
+        from segclr_beam.model import Architecture
+
+        return Architecture(widths=self.widths, input_size=self.cutout_size,
+                            bottleneck_width=self.bottleneck_width)
+
+
+# A CPU affords a few hundred training steps of a few thousand views in minutes only on a
+# small network with small cutouts. The demo network has an eighth of the published widths
+# and 33^3 cutouts at twice the synthetic voxel size, 2 um across: windows that show a piece
+# of a cell's shape, not only its texture, at about 1/1000 of the published arithmetic.
+DEMO = DemoSize("demo", downsampling=2, widths=(8, 16, 32, 64), cutout_size=33,
+                bottleneck_width=64, steps=300, batch_size=16, learning_rate=1e-3,
+                warmup_steps=30, min_distance_nm=500.0, max_distance_nm=2500.0)
+# The published network: 129^3 cutouts at the synthetic resolution (4 um across); for a GPU.
+PUBLISHED = DemoSize("published", downsampling=1, widths=(64, 128, 256, 512), cutout_size=129,
+                     bottleneck_width=512, steps=3000, batch_size=32, learning_rate=1e-3,
+                     warmup_steps=100, min_distance_nm=1000.0, max_distance_nm=5000.0)
+TRAINING_SEED, EVALUATION_SEED = 0, 1
+# Segments embedded per class, drawn at random from the evaluation volume: every soma and
+# glia cell and a sample of the ~180 dendrites and ~600 axons, so that every class has
+# segments enough for folds by segment and the two embedding runs take a minute or two.
+SAMPLE = {"axon": 30, "dendrite": 30, "soma": 6, "glia": 12}
 # Chunks of 128 voxels split the default volume into 18 skeletonization tasks, work for
 # every local worker; the chunk size is part of a run's configuration (it shapes skeletons).
 CHUNK_SIZE = 128
@@ -39,12 +89,42 @@ CLASS_COLOURS = {"axon": "tab:blue", "dendrite": "tab:green", "soma": "tab:red",
                  "glia": "tab:purple"}
 
 
-def _dataset(path: str) -> synth.Dataset:
+def _dataset(path: str, seed: int) -> synth.Dataset:
     try:
         return synth.load_dataset(path)
     except FileNotFoundError:
-        print(f"writing the synthetic dataset to {path} ...", flush=True)
-        return synth.write_dataset(path)
+        print(f"writing the synthetic dataset of seed {seed} to {path} ...", flush=True)
+        return synth.write_dataset(path, seed=seed)
+
+
+def _add_scale(path: str, factor: int, method: str) -> None:
+    """Add the scale `factor` times coarser to the precomputed volume at `path`, unless it has
+    it: TensorStore's downsampling (`method` "mean" for EM, "mode" for labels)."""
+    import tensorstore as ts
+
+    with open(os.path.join(path, "info")) as f:
+        info = json.load(f)
+    base = info["scales"][0]
+    resolution = [r * factor for r in base["resolution"]]
+    if any(np.allclose(s["resolution"], resolution) for s in info["scales"]):
+        return
+    spec = {"driver": "neuroglancer_precomputed", "kvstore": f"file://{os.path.abspath(path)}/"}
+    source = ts.downsample(ts.open(spec).result(), [factor] * 3 + [1], method)
+    scale = {key: base[key] for key in ("encoding", "jpeg_quality",
+                                        "compressed_segmentation_block_size") if key in base}
+    scale.update(size=list(source.shape[:3]), resolution=resolution, voxel_offset=[0, 0, 0],
+                 chunk_size=base["chunk_sizes"][0])
+    target = ts.open({**spec, "scale_metadata": scale, "store_data_equal_to_fill_value": True},
+                     create=True).result()
+    target.write(source.read().result()).result()
+
+
+def _volumes(data: str, seed: int, size: DemoSize) -> synth.Dataset:
+    dataset = _dataset(os.path.join(data, f"volume-seed{seed}"), seed)
+    if size.downsampling > 1:
+        _add_scale(dataset.em, size.downsampling, "mean")
+        _add_scale(dataset.segmentation, size.downsampling, "mode")
+    return dataset
 
 
 def _sample(dataset: synth.Dataset, counts: dict[str, int], seed: int = 0) -> list[int]:
@@ -56,6 +136,98 @@ def _sample(dataset: synth.Dataset, counts: dict[str, int], seed: int = 0) -> li
         chosen += rng.choice(np.array(ids, dtype=np.uint64), min(count, len(ids)),
                              replace=False).tolist()
     return sorted(chosen)
+
+
+def _trained_checkpoint(data: str, dataset: synth.Dataset, size: DemoSize,
+                        beam_args: list[str]) -> tuple[str, dict]:
+    """The demo network trained on `dataset`: made on the first run, then reused."""
+    from segclr_beam import pairs, pairs_job, train
+
+    table = os.path.join(data, f"pairs-{size.tag}")
+    if not os.path.exists(os.path.join(table, pairs.INFO_NAME)):
+        print(f"making the pair table of the training volume in {table} ...", flush=True)
+        start = time.monotonic()
+        summary = pairs_job.run(PairsConfig(
+            segmentation=dataset.segmentation, em=dataset.em, output=table,
+            resolution=size.resolution, chunk_size=CHUNK_SIZE,
+            min_distance_nm=size.min_distance_nm, max_distance_nm=size.max_distance_nm,
+            num_shards=4, overwrite=True).validate(), beam_args)
+        print(f"  {summary.info['pairs']} pairs of {summary.info['segments']} segments in "
+              f"{time.monotonic() - start:.0f} s", flush=True)
+    config = train.TrainConfig(
+        pairs=table, em=dataset.em, segmentation=dataset.segmentation,
+        out=os.path.join(data, f"training-{size.tag}"), resolution=size.resolution,
+        architecture=size.architecture(), steps=size.steps, batch_size=size.batch_size,
+        learning_rate=size.learning_rate, warmup_steps=size.warmup_steps,
+        checkpoint_every=100, log_every=25)
+    finished = os.path.exists(os.path.join(config.out, "training.json"))
+    if not finished:
+        print(f"training the {size.name} network for {size.steps} steps of {size.batch_size} "
+              f"pairs in {config.out} ...", flush=True)
+    start = time.monotonic()
+    record = train.train(config)
+    if not finished:
+        print(f"  trained in {time.monotonic() - start:.0f} s, final loss "
+              f"{record['final_loss']:.3f}", flush=True)
+    return os.path.join(config.out, record["checkpoint"]), record
+
+
+def _models(data: str, size: DemoSize, checkpoint: str, record: dict) -> dict[str, str]:
+    """SavedModels of the trained network (exported again after another training run) and
+    of random weights of the same architecture."""
+    from segclr_beam import model
+
+    trained = os.path.join(data, f"model-{size.tag}-trained")
+    if os.path.exists(trained) and model.model_identity(trained).get("training") != record:
+        shutil.rmtree(trained)
+    if not os.path.exists(trained):
+        model.export_saved_model(trained, checkpoint=checkpoint)
+    random = os.path.join(data, f"model-{size.tag}-random")
+    if os.path.exists(random):
+        if model.model_identity(random)["architecture"] != size.architecture().to_dict():
+            raise SystemExit(f"{random} holds a model of another architecture; remove it")
+    else:
+        model.export_saved_model(random, size.architecture())
+    return {"trained": trained, "random": random}
+
+
+def _embed(dataset: synth.Dataset, size: DemoSize, models: dict[str, str], out: str,
+           beam_args: list[str]):
+    """Embed a class-balanced sample of `dataset` with each model; their run summaries.
+
+    The first run skeletonizes; the others embed its points."""
+    from segclr_beam import pipeline
+    from segclr_beam.job import POINTS_FILE
+
+    segment_ids = _sample(dataset, SAMPLE)
+    summaries = {}
+    for name, model_dir in models.items():
+        first = not summaries
+        config = EmbedConfig(
+            em=dataset.em, segmentation=dataset.segmentation, model=model_dir,
+            output=os.path.join(out, name), resolution=size.resolution,
+            cutout_size=size.cutout_size, chunk_size=CHUNK_SIZE, num_shards=64, overwrite=True,
+            write_skeletons=first, segments=tuple(segment_ids) if first else None,
+            points=None if first else os.path.join(out, next(iter(models)), POINTS_FILE))
+        print(f"embedding {len(segment_ids)} segments of the evaluation volume with the "
+              f"{name} network (Beam, local runner) ...", flush=True)
+        summaries[name] = pipeline.run(config.validate(), beam_args)
+    return segment_ids, summaries
+
+
+def _read_outputs(out: str):
+    from segclr_beam import points
+    from segclr_beam.job import POINTS_FILE
+    from segclr_beam.reader import EmbeddingReader
+
+    sample = sorted(points.read_points(os.path.join(out, POINTS_FILE)))
+    reader = EmbeddingReader(os.path.join(out, "raw"))
+    embeddings = {}
+    for segment_id in sorted({p.segment_id for p in sample}):
+        segment = reader.read_segment(segment_id)
+        for node_id, vector in zip(segment.node_ids, segment.embeddings):
+            embeddings[(segment_id, int(node_id))] = vector
+    return sample, np.stack([embeddings[(p.segment_id, p.node_id)] for p in sample])
 
 
 def _class_mix(dataset: synth.Dataset, segment_ids: list[int], sample) -> str:
@@ -70,34 +242,32 @@ def _class_mix(dataset: synth.Dataset, segment_ids: list[int], sample) -> str:
     return "\n".join(lines)
 
 
-def _model(path: str, widths: tuple[int, ...]) -> dict:
-    from segclr_beam import model
+def _comparison(results: dict[str, dict]) -> str:
+    """k-NN balanced accuracy and per-class recall of every network and the baseline, per
+    variant (raw, 10 um and 25 um means), side by side."""
+    from segclr_beam.evaluate import MASK
 
-    if os.path.exists(path):
-        identity = model.model_identity(path)
-        if tuple(identity["architecture"]["widths"]) == widths:
-            return identity
-        raise SystemExit(f"{path} holds a model of widths {identity['architecture']['widths']};"
-                         f" remove it or pick another --out")
-    print(f"exporting a SegCLR network with random weights to {path} ...", flush=True)
-    return model.export_saved_model(path, model.Architecture(widths=widths))
-
-
-def _read_outputs(out: str):
-    from segclr_beam import points
-    from segclr_beam.reader import EmbeddingReader
-
-    sample = sorted(points.read_points(os.path.join(out, "points.avro")))
-    reader = EmbeddingReader(os.path.join(out, "raw"))
-    embeddings = {}
-    for segment_id in sorted({p.segment_id for p in sample}):
-        segment = reader.read_segment(segment_id)
-        for node_id, vector in zip(segment.node_ids, segment.embeddings):
-            embeddings[(segment_id, int(node_id))] = vector
-    return sample, np.stack([embeddings[(p.segment_id, p.node_id)] for p in sample])
+    trained = results["trained"]
+    classes = list(trained["classes"])
+    columns = {"trained": trained["variants"], "random": results["random"]["variants"],
+               "mask": {name[len(MASK) + 1:]: s for name, s in trained["variants"].items()
+                        if name.startswith(MASK + "/")}}
+    head = "".join(f"{c[:8]:>9}" for c in classes)
+    lines = [f"k-NN (k={trained['k']}) balanced accuracy, {trained['folds']} folds by segment;"
+             f" recall per class",
+             f"{'variant':<9}" + "".join(f"{n:>9}" for n in columns) + "  | "
+             + " | ".join(f"{n:^{len(head)}}" for n in columns),
+             f"{'':<9}" + " " * 9 * len(columns) + "  | " + " | ".join(head for _ in columns)]
+    for variant in (v for v in trained["variants"] if not v.startswith(MASK + "/")):
+        scores = [columns[n][variant]["knn"] for n in columns]
+        lines.append(f"{variant:<9}" + "".join(f"{s['balanced_accuracy']:9.3f}" for s in scores)
+                     + "  | " + " | ".join("".join(f"{s['recall'][c]:9.3f}" for c in classes)
+                                           for s in scores))
+    return "\n".join(lines)
 
 
-def _picture(path: str, dataset: synth.Dataset, sample, embeddings: np.ndarray) -> None:
+def _picture(path: str, dataset: synth.Dataset, sample, embeddings: np.ndarray,
+             size: DemoSize, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +279,7 @@ def _picture(path: str, dataset: synth.Dataset, sample, embeddings: np.ndarray) 
     centred = embeddings - embeddings.mean(axis=0)
     _, _, axes = np.linalg.svd(centred, full_matrices=False)
     projected = centred @ axes[:2].T
-    em = open_volume(dataset.em, "EM")
+    em = open_volume(dataset.em, "EM", size.resolution)
     z = em.bounds.shape[2] // 2
     section = em.read(em.bounds).take(z, axis=2)
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 6))
@@ -117,13 +287,13 @@ def _picture(path: str, dataset: synth.Dataset, sample, embeddings: np.ndarray) 
         chosen = [i for i, c in enumerate(classes) if c == name]
         left.scatter(projected[chosen, 0], projected[chosen, 1], s=8, c=colour,
                      label=f"{name} ({len(chosen)})")
-    left.set_title("SegCLR embeddings, first two principal components")
+    left.set_title(f"{title}: first two principal components")
     left.legend()
     right.imshow(section.T, cmap="gray", origin="lower")
-    near = [i for i, p in enumerate(sample) if abs(p.z - z) <= 8]
+    near = [i for i, p in enumerate(sample) if abs(p.z - z) <= 8 // size.downsampling]
     right.scatter([sample[i].x for i in near], [sample[i].y for i in near], s=10,
                   c=[CLASS_COLOURS.get(classes[i], "k") for i in near])
-    right.set_title(f"sample points within 8 voxels of EM section z={z}")
+    right.set_title(f"sample points near EM section z={z}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -131,52 +301,57 @@ def _picture(path: str, dataset: synth.Dataset, sample, embeddings: np.ndarray) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="demo_data", help="synthetic dataset directory")
+    parser.add_argument("--data", default="demo_data",
+                        help="synthetic datasets, pair table, training run and models")
     parser.add_argument("--out", default="demo_output", help="output directory")
     parser.add_argument("--published-size", action="store_true",
-                        help="run the published network size (slow on a CPU)")
+                        help="train and run the published network size (for a GPU machine)")
     args, beam_args = parser.parse_known_args(argv)
     configure_logging()
 
-    from segclr_beam import pipeline
+    from segclr_beam import evaluate
 
     start = time.monotonic()
-    dataset = _dataset(args.data)
-    print(synth.summarize(dataset), flush=True)
-    widths = PUBLISHED_WIDTHS if args.published_size else DEMO_WIDTHS
-    model_dir = os.path.join(args.data, "model-" + "-".join(map(str, widths)))
-    identity = _model(model_dir, widths)
-    segment_ids = _sample(dataset, SAMPLE)
-    config = EmbedConfig(em=dataset.em, segmentation=dataset.segmentation, model=model_dir,
-                         output=os.path.abspath(args.out), segments=tuple(segment_ids),
-                         chunk_size=CHUNK_SIZE, num_shards=64, write_skeletons=True,
-                         overwrite=True)
-    print(f"running the embedding job on {len(segment_ids)} segments (Beam, local runner) ...",
-          flush=True)
-    summary = pipeline.run(config.validate(), beam_args)
-    sample, embeddings = _read_outputs(config.output)
-    picture = os.path.join(config.output, "embeddings.png")
-    _picture(picture, dataset, sample, embeddings)
+    size = PUBLISHED if args.published_size else DEMO
+    training_volume = _volumes(args.data, TRAINING_SEED, size)
+    evaluation_volume = _volumes(args.data, EVALUATION_SEED, size)
+    print(synth.summarize(evaluation_volume), flush=True)
+    checkpoint, record = _trained_checkpoint(args.data, training_volume, size, beam_args)
+    models = _models(args.data, size, checkpoint, record)
+    out = os.path.abspath(args.out)
+    segment_ids, summaries = _embed(evaluation_volume, size, models, out, beam_args)
+    labels = evaluation_volume.classes
+    results = {name: evaluate.evaluate(os.path.join(out, name), labels,
+                                       baseline=name == "trained")
+               for name in models}
+    for name, result in results.items():
+        evaluate.write_json(result, os.path.join(out, f"evaluation-{name}.json"))
+    sample, embeddings = _read_outputs(os.path.join(out, "trained"))
+    picture = os.path.join(out, "embeddings.png")
+    _picture(picture, evaluation_volume, sample, embeddings, size,
+             f"SegCLR embeddings after {record['steps']} training steps")
 
-    counters = summary.counters
-    size = "published size" if widths == PUBLISHED_WIDTHS else "reduced widths"
-    print(f"\nmodel: widths {'/'.join(map(str, widths))} ({size}), weights "
-          f"{identity['weights']} -- random weights: the embeddings show the pipeline, "
-          f"not learned morphology")
+    arch = size.architecture()
+    print(f"\nnetwork: widths {'/'.join(map(str, arch.widths))}, {arch.input_size}^3 cutouts "
+          f"at {' x '.join(f'{r:g}' for r in size.resolution)} nm, trained {record['steps']} "
+          f"steps on the volume of seed {TRAINING_SEED} (final loss "
+          f"{record['final_loss']:.3f}); evaluated on the volume of seed {EVALUATION_SEED}")
+    trained = summaries["trained"]
     print(f"segments embedded: {len({p.segment_id for p in sample})}, points: {len(sample)}, "
-          f"cutouts: {counters.get('cutouts_emitted', 0)}, embeddings: {counters.get('embeddings', 0)}")
-    print(_class_mix(dataset, segment_ids, sample))
-    print("seconds per stage (CPU time in Beam steps):")
-    for stage, seconds in summary.seconds.items():
-        print(f"  {stage:12s} {seconds:8.1f}")
-    for name, path in summary.outputs.items():
-        print(f"output {name:8s} {path}")
-    print(f"annotations    {os.path.join(config.output, annotations.DIRECTORY)}")
+          f"cutouts: {trained.counters.get('cutouts_emitted', 0)}")
+    print(_class_mix(evaluation_volume, segment_ids, sample))
+    for name, result in results.items():
+        print(f"\n{name} network\n{evaluate.format_table(result)}")
+    print("\n" + _comparison(results))
+    print()
+    for name, summary in summaries.items():
+        print(f"embedding job ({name}) wall time {summary.wall_seconds:.0f} s; outputs "
+              f"{os.path.join(out, name)}")
+    print(f"annotations    {os.path.join(out, 'trained', annotations.DIRECTORY)}")
     print(f"picture        {picture}")
     command = os.path.join(os.path.dirname(sys.executable), "segclr-beam")
-    print(f"to look at it in Neuroglancer: {command} view {config.output}")
-    print(f"job wall time {summary.wall_seconds:.0f} s; demo wall time "
-          f"{time.monotonic() - start:.0f} s")
+    print(f"to look at it in Neuroglancer: {command} view {os.path.join(out, 'trained')}")
+    print(f"demo wall time {time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":
