@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam.cutouts import CutoutReader, CutoutStats, block_of
 from segclr_beam.points import Point
-from segclr_beam.records import PAIR_SCHEMA, PAIR_TABLE_PREFIX, pair_example  # noqa: F401
+from segclr_beam.records import PAIR_SCHEMA, PAIR_TABLE_PREFIX
 from segclr_beam.volume import Volume
 
 # The schema of a pair record, as tf.io.parse_example takes it (records.PAIR_SCHEMA).

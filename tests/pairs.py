@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from segclr_beam.views import pair_example
+from segclr_beam.records import pair_example
 
 
 def sample_pairs(labels: np.ndarray, count: int, max_offset: int, seed: int

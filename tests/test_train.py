@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from pairs import sample_pairs, write_pair_table
 from segclr_beam import model as segclr_model
-from segclr_beam import synth, train, views, volume
+from segclr_beam import records, synth, train, views, volume
 from segclr_beam.model import Architecture, CheckpointMismatchError
 from test_model import (published_variables, random_values, write_tf1_checkpoint,
                         write_tf2resaved_checkpoint)
@@ -154,7 +154,7 @@ def test_pair_table_errors_name_the_input(tmp_path):
         views.read_pair_table(str(tmp_path / "none.tfrecord"))
     path = str(tmp_path / "bad.tfrecord-00000-of-00001")
     with tf.io.TFRecordWriter(path) as writer:
-        writer.write(views.pair_example(np.zeros((2, 3)), 5, 0, (0, 0), "em", "seg"))
+        writer.write(records.pair_example(np.zeros((2, 3)), 5, 0, (0, 0), "em", "seg"))
         example = tf.train.Example()
         example.features.feature["center-0"].int64_list.value[:] = [1, 2, 3]
         writer.write(example.SerializeToString())
@@ -162,7 +162,7 @@ def test_pair_table_errors_name_the_input(tmp_path):
         views.read_pair_table(path)
     other = str(tmp_path / "two.tfrecord-00000-of-00001")
     with tf.io.TFRecordWriter(other) as writer:
-        record = tf.train.Example.FromString(views.pair_example(np.zeros((2, 3)), 5, 0, (0, 0),
+        record = tf.train.Example.FromString(records.pair_example(np.zeros((2, 3)), 5, 0, (0, 0),
                                                                 "em", "seg"))
         record.features.feature["skeleton_id-1"].int64_list.value[:] = [6]
         writer.write(record.SerializeToString())
@@ -415,8 +415,8 @@ def test_everything_on_gcs(gcs, tmp_path, dataset, pair_table):
     em = gcs.upload_dir(Path(dataset.em), "train/em")
     segmentation = gcs.upload_dir(Path(dataset.segmentation), "train/segmentation")
     tables = gcs.upload_dir(Path(pair_table).parent, "train/pairs")
-    init = write_tf1_checkpoint(tmp_path / "init" / "published",
-                                random_values(published_variables(TINY), seed=2))
+    write_tf1_checkpoint(tmp_path / "init" / "published",
+                         random_values(published_variables(TINY), seed=2))
     init_url = gcs.upload_dir(tmp_path / "init", "train/init") + "/published"
     out = f"gs://{gcs.bucket}/train/run"
     cfg = train.TrainConfig(pairs=f"{tables}/pairs.tfrecord", em=em, segmentation=segmentation,
