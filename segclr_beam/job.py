@@ -125,6 +125,11 @@ def _check_output(config: EmbedConfig) -> None:
         _LOG.warning("removed %d entries of an earlier %s at %s before starting: %s",
                      len(removed), "run" if config.overwrite else "incomplete run", root,
                      ", ".join(p.rsplit("/", 1)[-1] for p in removed[:8]))
+    check_writable(root)
+
+
+def check_writable(root: str) -> None:
+    """Prove `root` is writable by writing and deleting a probe file, before any work."""
     probe = join(root, ".segclr-write-probe")
     try:
         with FileSystems.create(probe) as f:

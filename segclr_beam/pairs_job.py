@@ -17,13 +17,12 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import StandardOptions
 
 from segclr_beam import pairs, points, skeleton
 from segclr_beam.config import ConfigError, PairsConfig
-from segclr_beam.job import POINTS_FILE, RUN_FILE, counters
+from segclr_beam.job import POINTS_FILE, RUN_FILE, check_writable, counters
 from segclr_beam.precomputed import SkeletonError, SkeletonSource, to_precomputed
-from segclr_beam.runner import LOCAL_RUNNER, pipeline_options
+from segclr_beam.runner import is_local, pipeline_options
 from segclr_beam.shards import join
 from segclr_beam.volume import Box, Volume, VolumeError, open_volume, open_volumes
 
@@ -68,13 +67,7 @@ def _check_output(config: PairsConfig) -> None:
     if FileSystems.exists(info) and not config.overwrite:
         raise ConfigError(f"output: {config.output} holds a pair table ({info}); choose "
                           "another path or pass --overwrite")
-    probe = join(config.output, ".segclr-write-probe")
-    try:
-        with FileSystems.create(probe) as f:
-            f.write(b"")
-        FileSystems.delete([probe])
-    except Exception as e:  # the filesystem's own error types vary by scheme
-        raise ConfigError(f"output: cannot write to {config.output}: {e}") from None
+    check_writable(config.output)
 
 
 def _earlier_run(config: PairsConfig) -> tuple[SkeletonSource, str]:
@@ -199,7 +192,7 @@ def run(config: PairsConfig, beam_args: list[str] | None = None) -> PairsSummary
     pipeline = beam.Pipeline(options=options)
     build(pipeline, job)
     result = pipeline.run()
-    if options.view_as(StandardOptions).runner != LOCAL_RUNNER:
+    if not is_local(options):
         return PairsSummary(result, {}, 0.0, config.output, None)
     result.wait_until_finish()
     with FileSystems.open(join(config.output, pairs.INFO_NAME)) as f:
