@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 import uuid
 
@@ -85,13 +86,19 @@ def _create_new(path: str, data: bytes) -> bool:
         with FileSystems.create(path) as f:  # no create-if-absent on this filesystem
             f.write(data)
         return True
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # Written whole under a private name, then linked into place: creating the link fails if
+    # the lock exists, and a reader never sees a lock without its record.
+    fd, staged = tempfile.mkstemp(prefix=".segclr-lock-", dir=directory)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.link(staged, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    finally:
+        os.unlink(staged)
     return True
 
 

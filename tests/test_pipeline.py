@@ -390,7 +390,7 @@ def test_overwrite_replaces_every_tree_and_embed_reports_what_it_made(
     embeddings = first.totals()["embeddings"]
     assert f"points: {embeddings}, cutouts: {embeddings}, embeddings: {embeddings}" in printed
     assert "seconds per stage: Points" in printed and f"agg5um: {again}/agg5um" in printed
-    assert _entries(again) == ["agg5um", "manifest", POINTS_FILE, "raw", RUN_FILE]
+    assert _entries(again) == ["agg5um", "annotations", "manifest", POINTS_FILE, "raw", RUN_FILE]
     for tree in ("raw", "agg5um"):
         assert len(list((again / tree).glob("*.tfrecord"))) == 7
         assert len(list((again / tree).glob("*.zip"))) <= 7
