@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from segclr_beam import pairs, points, skeleton
 from segclr_beam.config import ConfigError, PairsConfig
 from segclr_beam.job import POINTS_FILE, RUN_FILE, check_writable, counters
-from segclr_beam.precomputed import SkeletonError, SkeletonSource, to_precomputed
+from segclr_beam.precomputed import SkeletonError, SkeletonSource, from_precomputed, to_precomputed
 from segclr_beam.runner import is_local, pipeline_options
 from segclr_beam.shards import join
 from segclr_beam.volume import Box, Volume, VolumeError, open_volume, open_volumes
@@ -131,8 +131,7 @@ class _ReadSkeleton(beam.DoFn):
         if read is None or read.empty():
             self._missing.inc()
             return
-        # The files put voxel i's centre at (i + 0.5) * resolution.
-        read.vertices = read.vertices - 0.5 * np.asarray(self._resolution)
+        read = from_precomputed(read, self._resolution)
         yield segment_id, read, list(found)
 
 

@@ -25,7 +25,7 @@ import scipy.sparse.csgraph
 from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam import shards
-from segclr_beam.precomputed import SkeletonSource
+from segclr_beam.precomputed import SkeletonSource, from_precomputed
 from segclr_beam.records import Point, as_long, as_uint64
 
 if TYPE_CHECKING:
@@ -309,8 +309,7 @@ class _SkeletonPoints(beam.DoFn):
         if skeleton is None or skeleton.empty():
             self._missing.inc()
             return
-        # The files put voxel i's centre at (i + 0.5) * resolution.
-        skeleton.vertices = skeleton.vertices - 0.5 * np.asarray(self._resolution)
+        skeleton = from_precomputed(skeleton, self._resolution)
         points = skeleton_points(segment_id, skeleton, self._resolution, self._spacing_nm)
         self._segments.inc()
         self._points.inc(len(points))

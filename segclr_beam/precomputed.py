@@ -38,6 +38,13 @@ def to_precomputed(skeleton: Skeleton, resolution: Sequence[float]) -> bytes:
     return out.to_precomputed()
 
 
+def from_precomputed(skeleton: Skeleton, resolution: Sequence[float]) -> Skeleton:
+    """The inverse of `to_precomputed`'s placement: a skeleton read from a file (vertices at
+    voxel centres, (i + 0.5) * resolution) moved back to voxel i at i * resolution, in place."""
+    skeleton.vertices = skeleton.vertices - 0.5 * np.asarray(resolution)
+    return skeleton
+
+
 def skeletons_info() -> dict:
     """The info file of a directory of skeletons written by `to_precomputed`."""
     return {"@type": "neuroglancer_skeletons", "transform": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
