@@ -53,10 +53,29 @@ def _send_headers_like_gcs(download):
     return handler
 
 
+def _index_on_disk_only(write):
+    """The emulator's index write, skipped for an in-memory store.
+
+    After every change the emulator serializes its whole object index to JSON (so each
+    request costs time in the number of objects stored), for a store on disk to read back
+    when it restarts; an in-memory store never reads it.
+    """
+
+    def write_index(storage):
+        if not storage._use_memory_fs:
+            write(storage)
+
+    return write_index
+
+
 @pytest.fixture(scope="session")
 def gcs() -> FakeGcs:
     from gcp_storage_emulator import server as emulator
     from gcp_storage_emulator.server import create_server
+    from gcp_storage_emulator.storage import Storage
+
+    write_index = Storage._write_config_to_file
+    Storage._write_config_to_file = _index_on_disk_only(write_index)
 
     download = emulator.objects.download
     patched = _send_headers_like_gcs(download)
@@ -85,6 +104,7 @@ def gcs() -> FakeGcs:
         yield FakeGcs(url, GCS_BUCKET)
     finally:
         server.stop()
+        Storage._write_config_to_file = write_index
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -127,15 +147,26 @@ def small_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def small_run(synthetic_dataset, small_model, tmp_path_factory) -> str:
-    """A finished job on part of the synthetic dataset, with skeletons: its output path."""
-    from segclr_beam import pipeline
+def small_config(synthetic_dataset, small_model):
+    """The settings of the small run on part of the synthetic dataset: a function of the output
+    path and any changed fields that returns its EmbedConfig."""
     from segclr_beam.config import EmbedConfig
 
-    out = str(tmp_path_factory.mktemp("small-run") / "out")
-    pipeline.run(EmbedConfig(
-        em=synthetic_dataset.em, segmentation=synthetic_dataset.segmentation,
-        model=small_model, output=out, bbox=(0, 0, 0, 128, 128, 96), chunk_size=64,
-        block_size=64, cutout_size=33, batch_size=8, num_shards=16, bytewidth=8,
-        write_skeletons=True))
-    return out
+    def config(output, **changes) -> EmbedConfig:
+        return EmbedConfig(**{
+            "em": synthetic_dataset.em, "segmentation": synthetic_dataset.segmentation,
+            "model": small_model, "output": str(output), "bbox": (0, 0, 0, 128, 128, 96),
+            "chunk_size": 64, "block_size": 64, "cutout_size": 33, "batch_size": 8,
+            "num_shards": 16, "bytewidth": 8, **changes})
+
+    return config
+
+
+@pytest.fixture(scope="session")
+def small_run(small_config, tmp_path_factory) -> str:
+    """A finished small run, with skeletons: its output path. Tests read it, never change it."""
+    from segclr_beam import pipeline
+
+    out = tmp_path_factory.mktemp("small-run") / "out"
+    pipeline.run(small_config(out, write_skeletons=True))
+    return str(out)

@@ -19,27 +19,16 @@ from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.reader import EmbeddingReader
 from tolerance import assert_embeddings_close
 
-BBOX = (0, 0, 0, 128, 128, 96)
-CUTOUT = 33
-
-
-def _config(dataset, model_dir, out, **overrides) -> EmbedConfig:
-    return EmbedConfig(em=dataset.em, segmentation=dataset.segmentation, model=model_dir,
-                       output=str(out), bbox=BBOX, chunk_size=64, block_size=64,
-                       cutout_size=CUTOUT, batch_size=8, num_shards=16, bytewidth=8,
-                       **overrides)
-
-
-@pytest.fixture(scope="module")
-def local_run(synthetic_dataset, small_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    summary = pipeline.run(_config(synthetic_dataset, small_model, out))
-    return out, summary
+@pytest.fixture
+def local_run(small_run) -> tuple[Path, dict]:
+    """The small run (conftest.py) and the summary its run.json records."""
+    out = Path(small_run)
+    return out, json.loads((out / RUN_FILE).read_text())["summary"]
 
 
 def _files(root: Path) -> dict[str, bytes]:
     """Every output file below `root` except the run record, which names its own paths."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
             if p.is_file() and p.name != RUN_FILE}
 
 
@@ -61,9 +50,9 @@ def test_every_node_once_in_every_variant_and_format(local_run):
     sample = points.read_points(str(out / POINTS_FILE))
     expected = sorted((p.segment_id, p.node_id) for p in sample)
     assert len(expected) > 50 and len(set(expected)) == len(expected)
-    assert summary.counters["embeddings"] == len(expected)
-    assert set(summary.outputs) == {"raw", "agg10um", "agg25um"}
-    for name in summary.outputs:
+    assert summary["embeddings"] == len(expected)
+    assert set(summary["trees"]) == {"raw", "agg10um", "agg25um"}
+    for name in summary["trees"]:
         reader = EmbeddingReader(str(out / name))
         from_csv = sorted((s, int(n)) for s in {seg for seg, _ in expected}
                           for n in reader.read_segment(s).node_ids)
@@ -71,21 +60,23 @@ def test_every_node_once_in_every_variant_and_format(local_run):
         assert sorted(_tfrecord_nodes(out / name)) == expected, name
 
 
-def test_raw_embedding_is_the_model_on_its_own_cutout(local_run, synthetic_dataset, small_model):
+def test_raw_embedding_is_the_model_on_its_own_cutout(local_run, synthetic_dataset, small_model,
+                                                      small_config):
     out, _ = local_run
+    cutout = small_config(out).cutout_size
     sample = sorted(points.read_points(str(out / POINTS_FILE)))[::7][:16]
     em = ts.open({"driver": "neuroglancer_precomputed",
                   "kvstore": f"file://{synthetic_dataset.em}/"}).result()
     segmentation = ts.open({"driver": "neuroglancer_precomputed",
                             "kvstore": f"file://{synthetic_dataset.segmentation}/"}).result()
     shape = np.array(em.shape[:3])
-    half = CUTOUT // 2
+    half = cutout // 2
     cutouts = []
     for p in sample:
         lo = np.array([p.x, p.y, p.z]) - half
-        window_em = np.zeros((CUTOUT,) * 3, np.uint8)
-        window_seg = np.zeros((CUTOUT,) * 3, np.uint64)
-        a, b = np.maximum(lo, 0), np.minimum(lo + CUTOUT, shape)
+        window_em = np.zeros((cutout,) * 3, np.uint8)
+        window_seg = np.zeros((cutout,) * 3, np.uint64)
+        a, b = np.maximum(lo, 0), np.minimum(lo + cutout, shape)
         inside = tuple(slice(s - l, e - l) for s, e, l in zip(a, b, lo))
         stored = tuple(slice(s, e) for s, e in zip(a, b))
         window_em[inside] = em[stored + (0,)].read().result()
@@ -102,20 +93,28 @@ def test_raw_embedding_is_the_model_on_its_own_cutout(local_run, synthetic_datas
         assert_embeddings_close(segment.embeddings[row], expected, f"node {p}")
 
 
-def test_rerun_is_byte_identical_and_refuses_to_overwrite(local_run, synthetic_dataset,
-                                                          small_model, tmp_path):
+def test_rerun_is_byte_identical_and_refuses_to_overwrite(local_run, small_config, tmp_path):
+    """A previous run at the output, every file of it replaced by other bytes and a stray
+    shard added: refused, then with --overwrite the same files as the first run, byte for
+    byte (the rerun starts from an output emptied of the previous run's entries)."""
     out, _ = local_run
+    first = _files(out)
     again = tmp_path / "again"
-    pipeline.run(_config(synthetic_dataset, small_model, again))
-    first, second = _files(out), _files(again)
-    assert first.keys() == second.keys() and first == second
+    shutil.copytree(out, again)
+    for name in first:
+        (again / name).write_bytes(b"stale")
+    (again / "raw" / "99.zip").write_bytes(b"stale")
+    config = small_config(again, write_skeletons=True)
     with pytest.raises(ConfigError, match=r"output: .* holds a previous run"):
-        pipeline.run(_config(synthetic_dataset, small_model, again))
-    pipeline.run(_config(synthetic_dataset, small_model, again, overwrite=True))
-    assert _files(again) == first
+        pipeline.run(config)
+    assert (again / "raw" / "99.zip").exists()
+    pipeline.run(config.updated({"overwrite": True}))
+    second = _files(again)
+    assert second.keys() == first.keys() and second == first
 
 
-def test_volumes_model_and_output_on_gcs(local_run, synthetic_dataset, small_model, gcs):
+def test_volumes_model_and_output_on_gcs(local_run, synthetic_dataset, small_model,
+                                        small_config, gcs):
     from apache_beam.io.filesystems import FileSystems
 
     out, _ = local_run
@@ -123,9 +122,8 @@ def test_volumes_model_and_output_on_gcs(local_run, synthetic_dataset, small_mod
     segmentation = gcs.upload_dir(synthetic_dataset.segmentation, "data/segmentation")
     model_dir = gcs.upload_dir(small_model, "models/small")
     remote = f"gs://{gcs.bucket}/runs/out"
-    config = _config(synthetic_dataset, model_dir, remote).updated(
-        {"em": em, "segmentation": segmentation})
-    pipeline.run(config)
+    pipeline.run(small_config(remote, em=em, segmentation=segmentation, model=model_dir,
+                              write_skeletons=True))
     local = _files(out)
     for name, data in local.items():
         if name.endswith(".json"):
@@ -141,15 +139,14 @@ def test_volumes_model_and_output_on_gcs(local_run, synthetic_dataset, small_mod
     ({"output": "/proc/segclr-out"}, r"output: cannot write to /proc/segclr-out"),
     ({"bbox": (500, 500, 500, 600, 600, 600)}, r"bbox: .* outside the volumes"),
 ])
-def test_bad_configuration_fails_before_any_work(change, message, synthetic_dataset,
-                                                 small_model, tmp_path):
-    config = _config(synthetic_dataset, small_model, tmp_path / "out").updated(change)
+def test_bad_configuration_fails_before_any_work(change, message, small_config, tmp_path):
+    config = small_config(tmp_path / "out").updated(change)
     with pytest.raises(ConfigError, match=message):
         pipeline.run(config)
     assert not os.path.exists(tmp_path / "out" / POINTS_FILE)
 
 
-def test_dataflow_translation_with_gpu_workers(synthetic_dataset, small_model, tmp_path):
+def test_dataflow_translation_with_gpu_workers(small_config, tmp_path):
     from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, WorkerOptions
     from apache_beam.portability.api import beam_runner_api_pb2
 
@@ -158,7 +155,7 @@ def test_dataflow_translation_with_gpu_workers(synthetic_dataset, small_model, t
     image = "us-docker.pkg.dev/segclr-test/images/segclr-beam:1"
     beam_args = ["--runner=DataflowRunner", "--dry_run=True", "--project=segclr-test",
                  "--region=us-central1", "--temp_location=gs://segclr-test/tmp"]
-    summary = pipeline.run(_config(synthetic_dataset, small_model, tmp_path / "out"), beam_args,
+    summary = pipeline.run(small_config(tmp_path / "out"), beam_args,
                            DataflowGpu("nvidia-l4", 1, "g2-standard-8", image))
     job = summary.result.job
     assert job.options.view_as(GoogleCloudOptions).dataflow_service_options == [
@@ -189,15 +186,18 @@ def _entries(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir()) if out.exists() else []
 
 
-def _embed_args(dataset, model_dir, out, *extra) -> list[str]:
-    return ["embed", "--em", dataset.em, "--segmentation", dataset.segmentation,
-            "--model", model_dir, "--output", str(out), "--bbox", ",".join(map(str, BBOX)),
-            "--chunk-size", "64", "--block-size", "64", "--cutout-size", str(CUTOUT),
-            "--batch-size", "8", "--num-shards", "16", "--bytewidth", "8", *extra]
+def _embed_args(config: EmbedConfig, *extra) -> list[str]:
+    """The embed command's arguments for `config`'s volumes, model, output and settings."""
+    flags = {name: getattr(config, name) for name in (
+        "em", "segmentation", "model", "output", "bbox", "chunk_size", "block_size",
+        "cutout_size", "batch_size", "num_shards", "bytewidth")}
+    return ["embed", *(a for name, value in flags.items() for a in (
+        "--" + name.replace("_", "-"),
+        ",".join(map(str, value)) if isinstance(value, tuple) else str(value))), *extra]
 
 
 def test_points_whose_segment_is_absent_fail_naming_them_or_are_skipped(
-        local_run, synthetic_dataset, small_model, tmp_path):
+        local_run, small_config, tmp_path):
     from segclr_beam import cli
 
     out, _ = local_run
@@ -207,7 +207,7 @@ def test_points_whose_segment_is_absent_fail_naming_them_or_are_skipped(
     rows.append(f"12345,0,{sample[0].x},{sample[0].y},{sample[0].z}")  # no such segment
     table.write_text("segment_id,node_id,x,y,z\n" + "\n".join(rows) + "\n")
     failed = tmp_path / "failed"
-    args = _embed_args(synthetic_dataset, small_model, failed, "--points", str(table))
+    args = _embed_args(small_config(failed), "--points", str(table))
     with pytest.raises(SystemExit) as exit:
         cli.main(args)
     message = str(exit.value)
@@ -217,8 +217,8 @@ def test_points_whose_segment_is_absent_fail_naming_them_or_are_skipped(
             in message and "Traceback" not in message)
     assert _entries(failed) == []  # the failed run left nothing, not even its lock
 
-    summary = pipeline.run(_config(synthetic_dataset, small_model, tmp_path / "skipped",
-                                   points=str(table), skip_absent=True))
+    summary = pipeline.run(small_config(tmp_path / "skipped", points=str(table),
+                                        skip_absent=True))
     totals = summary.totals()
     assert (totals["points_segment_absent"], totals["embeddings"], totals["points"]) == (1, 12, 12)
     assert sorted(points.read_points(str(tmp_path / "skipped" / POINTS_FILE))) == sample
@@ -226,14 +226,13 @@ def test_points_whose_segment_is_absent_fail_naming_them_or_are_skipped(
     assert record["summary"]["points_segment_absent"] == 1
 
 
-def test_absent_segmentation_chunks_fail_the_run_or_are_counted(synthetic_dataset, small_model,
+def test_absent_segmentation_chunks_fail_the_run_or_are_counted(synthetic_dataset, small_config,
                                                                 tmp_path):
     damaged = tmp_path / "segmentation"
     shutil.copytree(synthetic_dataset.segmentation, damaged)
     for name in ("0-64_0-64_0-64", "64-128_64-128_0-64", "0-64_64-128_64-128"):
         (damaged / "32_32_33" / name).unlink()
-    config = _config(synthetic_dataset, small_model, tmp_path / "strict").updated(
-        {"segmentation": str(damaged)})
+    config = small_config(tmp_path / "strict", segmentation=str(damaged))
     with pytest.raises(Exception, match=r"segmentation: 1 storage chunks inside the box are "
                                          r"absent \(chunk origins \(\d+, \d+, \d+\)\), more than "
                                          r"the 0 tolerated"):
@@ -256,8 +255,8 @@ def _zero_segmentation(dataset, path: Path) -> str:
     return str(path)
 
 
-def test_inputs_that_give_no_points_are_refused(
-        local_run, synthetic_dataset, small_model, tmp_path):
+def test_inputs_that_give_no_points_are_refused(local_run, synthetic_dataset, small_config,
+                                                tmp_path):
     out, _ = local_run
     present = points.read_points(str(out / POINTS_FILE))[0].segment_id
     header_only = tmp_path / "empty.csv"
@@ -272,25 +271,25 @@ def test_inputs_that_give_no_points_are_refused(
     for i, (change, message) in enumerate(cases):
         target = tmp_path / f"out{i}"
         with pytest.raises(Exception, match=message):
-            pipeline.run(_config(synthetic_dataset, small_model, target).updated(change))
+            pipeline.run(small_config(target).updated(change))
         assert _entries(target) == [], change
 
 
-def test_damaged_model_and_mismatched_volumes_are_refused_before_work(synthetic_dataset,
-                                                                      small_model, tmp_path):
+def test_damaged_model_and_mismatched_volumes_are_refused_before_work(
+        synthetic_dataset, small_model, small_config, tmp_path):
     no_variables = tmp_path / "model"
     shutil.copytree(small_model, no_variables, ignore=shutil.ignore_patterns("variables"))
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=rf"model: {no_variables}: its variables cannot be "
                                           "read"):
-        pipeline.run(_config(synthetic_dataset, str(no_variables), out))
+        pipeline.run(small_config(out, model=str(no_variables)))
     assert _entries(out) == []
     small_em = tmp_path / "em"
     shutil.copytree(synthetic_dataset.em, small_em)
     info = json.loads((small_em / "info").read_text())
     info["scales"][0]["size"] = [128, 192, 128]  # the info says less than the data holds
     (small_em / "info").write_text(json.dumps(info))
-    config = _config(synthetic_dataset, small_model, out).updated({"em": str(small_em)})
+    config = small_config(out, em=str(small_em))
     config.bbox = None
     with pytest.raises(ConfigError, match=r"bbox: the EM's voxels \[0,0,0 \.\. 128,192,128\) "
                                           r"and the segmentation's \[0,0,0 \.\. 192,192,128\) "
@@ -304,13 +303,12 @@ def test_damaged_model_and_mismatched_volumes_are_refused_before_work(synthetic_
     assert _entries(out) == []
 
 
-def test_one_run_per_output_and_leftovers_removed_first(synthetic_dataset, small_model,
-                                                        tmp_path):
+def test_one_run_per_output_and_leftovers_removed_first(small_config, tmp_path):
     from segclr_beam.job import prepare
     from segclr_beam.lock import LOCK_FILE, OutputLock
 
     out = tmp_path / "out"
-    config = _config(synthetic_dataset, small_model, out)
+    config = small_config(out)
     held = OutputLock.acquire(str(out))
     with pytest.raises(ConfigError, match=rf"output: run {held.run_id} .* is writing to this "
                                           rf"output \({out}/{LOCK_FILE}\)"):
@@ -334,8 +332,7 @@ def test_one_run_per_output_and_leftovers_removed_first(synthetic_dataset, small
     assert _entries(out) == ["notes.txt", RUN_FILE]
 
 
-def test_a_checkpoint_is_exported_again_when_overwriting(synthetic_dataset, small_model,
-                                                         tmp_path, monkeypatch):
+def test_a_checkpoint_is_exported_again_when_overwriting(small_config, tmp_path, monkeypatch):
     from segclr_beam import job, model
     from test_model import SMALL, small_values, write_tf1_checkpoint
 
@@ -343,7 +340,7 @@ def test_a_checkpoint_is_exported_again_when_overwriting(synthetic_dataset, smal
     export = model.export_saved_model
     monkeypatch.setattr(job.model, "export_saved_model",
                         lambda out, checkpoint: export(out, SMALL, checkpoint=checkpoint))
-    config = _config(synthetic_dataset, prefix, tmp_path / "out")
+    config = small_config(tmp_path / "out", model=prefix)
     first = job.prepare(config)
     first.finish()
     (tmp_path / "out" / RUN_FILE).write_text("{}")
@@ -353,12 +350,12 @@ def test_a_checkpoint_is_exported_again_when_overwriting(synthetic_dataset, smal
     again.finish()
 
 
-def test_run_json_waits_for_every_written_file(synthetic_dataset, small_model, tmp_path):
+def test_run_json_waits_for_every_written_file(small_config, tmp_path):
     import apache_beam as beam
 
     from segclr_beam.job import prepare
 
-    job = prepare(_config(synthetic_dataset, small_model, tmp_path / "out"))
+    job = prepare(small_config(tmp_path / "out"))
     p = beam.Pipeline(runner="FnApiRunner")
     pipeline.build(p, job)
     components = p.to_runner_api().components
@@ -378,16 +375,16 @@ def test_run_json_waits_for_every_written_file(synthetic_dataset, small_model, t
 
 
 def test_overwrite_replaces_every_tree_and_embed_reports_what_it_made(
-        local_run, synthetic_dataset, small_model, tmp_path, capsys):
+        local_run, small_config, tmp_path, capsys):
     from segclr_beam import cli
 
     out, first = local_run
     again = tmp_path / "again"
     shutil.copytree(out, again)
-    cli.main(_embed_args(synthetic_dataset, small_model, again, "--overwrite",
-                         "--radii-nm", "5000", "--num-shards", "7", "--tfrecord-shards", "7"))
+    cli.main(_embed_args(small_config(again), "--overwrite", "--radii-nm", "5000",
+                         "--num-shards", "7", "--tfrecord-shards", "7"))
     printed = capsys.readouterr().out
-    embeddings = first.totals()["embeddings"]
+    embeddings = first["embeddings"]
     assert f"points: {embeddings}, cutouts: {embeddings}, embeddings: {embeddings}" in printed
     assert "seconds per stage: Points" in printed and f"agg5um: {again}/agg5um" in printed
     assert _entries(again) == ["agg5um", "annotations", "manifest", POINTS_FILE, "raw", RUN_FILE]
