@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import tensorstore as ts
 from apache_beam.io.filesystems import FileSystems
 
-from segclr_beam import manifest, model, pipeline, reprocess, synth
+from segclr_beam import manifest, pipeline, reprocess, synth
 from segclr_beam.config import ConfigError, EmbedConfig
 from segclr_beam.reader import EmbeddingReader
 from segclr_beam.volume import open_volume
@@ -80,20 +79,16 @@ def _version2(labels: np.ndarray, classes: dict[int, str], v1_dir: Path, out: Pa
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, small_model):
     """Version 1 run in full, version 2 in full, and version 2 reprocessed from version 1."""
     root = tmp_path_factory.mktemp("reprocess")
     dataset = synth.write_dataset(root / "v1", shape=SHAPE, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights, on purpose
-        model.export_saved_model(str(root / "model"), model.Architecture(
-            widths=(4, 8, 8, 16), input_size=33, bottleneck_width=16, embedding_dim=8))
     segmentation = open_volume(dataset.segmentation, "segmentation", synth.RESOLUTION)
     edits = _version2(segmentation.read(segmentation.bounds), dataset.classes,
                       Path(dataset.segmentation), root / "v2")
 
     def config(segmentation: str, output: str) -> EmbedConfig:
-        return EmbedConfig(em=dataset.em, segmentation=segmentation, model=str(root / "model"),
+        return EmbedConfig(em=dataset.em, segmentation=segmentation, model=small_model,
                            output=output, resolution=synth.RESOLUTION, chunk_size=64,
                            cutout_size=33, batch_size=8, num_shards=8, formats=("csv_zip",))
 
