@@ -383,13 +383,17 @@ def test_overwrite_replaces_every_tree_and_embed_reports_what_it_made(
         local_run, small_config, tmp_path, capsys):
     from segclr_beam import cli
 
-    out, first = local_run
+    out, _ = local_run
     again = tmp_path / "again"
     shutil.copytree(out, again)
+    previous = points.read_points(str(out / POINTS_FILE))
+    chosen = sorted({p.segment_id for p in previous})[::4]
     cli.main(_embed_args(small_config(again), "--overwrite", "--radii-nm", "5000",
-                         "--num-shards", "7", "--tfrecord-shards", "7"))
+                         "--num-shards", "7", "--tfrecord-shards", "7",
+                         "--segments", ",".join(map(str, chosen))))
     printed = capsys.readouterr().out
-    embeddings = first["embeddings"]
+    embeddings = sum(p.segment_id in chosen for p in previous)
+    assert embeddings > 10
     assert f"points: {embeddings}, cutouts: {embeddings}, embeddings: {embeddings}" in printed
     assert "seconds per stage: Points" in printed and f"agg5um: {again}/agg5um" in printed
     assert _entries(again) == ["agg5um", "annotations", "manifest", POINTS_FILE, "raw", RUN_FILE]
