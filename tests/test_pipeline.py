@@ -28,7 +28,7 @@ def local_run(small_run) -> tuple[Path, dict]:
 
 def _files(root: Path) -> dict[str, bytes]:
     """Every output file below `root` except the run record, which names its own paths."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != RUN_FILE}
 
 
