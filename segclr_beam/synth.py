@@ -86,7 +86,7 @@ class Dataset:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.sqrt((v * v).sum(-1, keepdims=True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,10 +136,10 @@ class _Canvas:
         The mask is None when every ball lies inside, the common case, which skips the
         per-voxel bounds check.
         """
-        radius = float(_quantize(radius))
+        radius = round(2 * float(radius)) / 2  # _quantize of one radius
         at = np.rint(centers).astype(np.int64)
         reach = int(np.ceil(radius))
-        if ((at >= reach) & (at < self.shape - reach)).all():
+        if at.min() >= reach and (at.max(0) < self.shape - reach).all():
             return (at @ self.strides)[:, None] + self._offsets(radius), None
         voxels = at[:, None, :] + _ball(radius)
         inside = ((voxels >= 0) & (voxels < self.shape)).all(-1)
@@ -148,7 +148,7 @@ class _Canvas:
     def blocked(self, centers: np.ndarray, radius: float, own: int) -> np.ndarray:
         """For each centre (n, 3): does its ball touch a segment other than `own`?"""
         flat, inside = self._balls(centers, radius)
-        found = self.labels.reshape(-1)[flat]
+        found = self.labels.ravel()[flat]
         hit = (found != 0) & (found != own)
         return (hit if inside is None else hit & inside).any(-1)
 
