@@ -425,6 +425,7 @@ def _grow(canvas: _Canvas, shares: dict[str, float], space: float) -> None:
         by_compartment = np.zeros(8, dtype=bool)
         by_compartment[[AXON, SHAFT, SOMA, GLIA]] = True
         by_compartment[SPINE] = layer < _SPINE_GROWTH
+        # grows[code]: whether a voxel holding `code` grows this layer.
         grows = by_compartment[compartment] & np.isin(kind_of, growing)[label]
         at = np.flatnonzero(frontier)
         reach = np.zeros(len(at), dtype=code.dtype)
