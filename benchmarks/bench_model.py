@@ -14,7 +14,8 @@ FLOPs are 2 x the multiply-adds of the original network's convolutions and dense
 zeros the space-to-depth stem multiplies are not counted as work; pooling, biases, batch norms
 and ReLUs are not counted at all). The machine may be shared: every time is the fastest of
 --repeat runs, matmul rounds interleaved with the network's, and the load average is printed.
-Ratios within one run are what counts.
+Ratios within one run are what counts. TensorFlow runs the kernels the package picks (oneDNN,
+see segclr_beam/__init__.py); TF_ENABLE_ONEDNN_OPTS=0 in the environment measures its own.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_model.py [--widths published,demo]
         [--batch-size 4] [--repeat 3] [--threads N] [--input-size 129]
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+import segclr_beam  # noqa: F401  (before TensorFlow: it picks TensorFlow's CPU kernels)
 import tensorflow as tf
 
 from segclr_beam import model as segclr_model
@@ -189,6 +192,7 @@ def main() -> None:
     configure_tensorflow(args.threads, args.threads)
     print(f"threads intra {tf.config.threading.get_intra_op_parallelism_threads()} inter "
           f"{tf.config.threading.get_inter_op_parallelism_threads()} (0: TensorFlow's choice); "
+          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     rates = [matmul_rate(args.repeat)]
     print(f"fp32 matmul {MATMUL_SIZE}^2: {rates[0]:.1f} GFLOP/s")

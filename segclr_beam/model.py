@@ -231,9 +231,12 @@ class SpaceToDepthStem(tf.Module):
 
     A convolution over one input channel leaves the vector units little to work on. Output
     voxel o reads padded voxels 2o..2o+6; with the kernel zero-padded to 8 taps these are the
-    four 2-voxel blocks o..o+3. The uint8 input is folded before it is converted, and the
-    1/255 of the conversion is folded into the kernel.
+    four 2-voxel blocks o..o+3. The 1/255 of the conversion is folded into the kernel, and
+    the input is centred on 0 (grey - CENTRE) with the bias making up for it: every output
+    sees a whole window, so conv(grey) = conv(grey - CENTRE) + CENTRE * sum(kernel).
     """
+
+    CENTRE = 128.0
 
     def __init__(self, kernel: np.ndarray, bias: np.ndarray, scale: np.ndarray,
                  offset: np.ndarray, input_size: int):
@@ -245,17 +248,23 @@ class SpaceToDepthStem(tf.Module):
         self.blocks = padded // 2
         eight = np.zeros((8, 8, 8, filters))
         eight[:7, :7, :7] = kernel[..., 0, :].astype(np.float64) / 255.0
+        bias = bias.astype(np.float64) + self.CENTRE * eight.sum(axis=(0, 1, 2))
         # [kz, ky, kx, F] with k = 2 * block + phase -> [bz, by, bx, (pz, py, px), F]
         eight = eight.reshape(4, 2, 4, 2, 4, 2, filters).transpose(0, 2, 4, 1, 3, 5, 6)
         self.kernel, self.bias = _folded(eight.reshape(4, 4, 4, 8, filters), bias, scale, offset)
 
     def fold(self, cutouts: tf.Tensor) -> tf.Tensor:
-        """uint8 [B, z, y, x] -> float32 [B, z/2, y/2, x/2, 8] of padded 2x2x2 blocks (0..255)."""
+        """uint8 [B, z, y, x] -> float32 [B, z/2, y/2, x/2, 8]: padded 2x2x2 blocks, centred.
+
+        The centring keeps the conversion where it is: TensorFlow's graph optimizer moves
+        a lone conversion past the transpose, and oneDNN transposes no uint8 on CPUs
+        without AVX-512 (it falls back to a slower kernel and logs an error).
+        """
         n = self.blocks
-        x = tf.pad(cutouts, self.padding)
+        x = tf.cast(tf.pad(cutouts, self.padding), tf.float32) - self.CENTRE
         x = tf.reshape(x, [-1, n, 2, n, 2, n, 2])
         x = tf.transpose(x, [0, 1, 3, 5, 2, 4, 6])
-        return tf.cast(tf.reshape(x, [-1, n, n, n, 8]), tf.float32)
+        return tf.reshape(x, [-1, n, n, n, 8])
 
     def __call__(self, cutouts: tf.Tensor) -> tf.Tensor:
         x = tf.nn.conv3d(self.fold(cutouts), self.kernel, [1] * 5, "VALID")

@@ -68,6 +68,8 @@ _SOMATA, _GLIA = 6, 12
 _MAX_FAILURES = 20
 # Places tried for a new neurite to start before it starts from a blocked one (and fails).
 _START_TRIES = 20
+# The 6-neighbourhood.
+_CROSS = ndi.generate_binary_structure(3, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,7 @@ class Dataset:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.sqrt((v * v).sum(-1, keepdims=True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,10 +136,10 @@ class _Canvas:
         The mask is None when every ball lies inside, the common case, which skips the
         per-voxel bounds check.
         """
-        radius = float(_quantize(radius))
+        radius = round(2 * float(radius)) / 2  # _quantize of one radius
         at = np.rint(centers).astype(np.int64)
         reach = int(np.ceil(radius))
-        if ((at >= reach) & (at < self.shape - reach)).all():
+        if at.min() >= reach and (at.max(0) < self.shape - reach).all():
             return (at @ self.strides)[:, None] + self._offsets(radius), None
         voxels = at[:, None, :] + _ball(radius)
         inside = ((voxels >= 0) & (voxels < self.shape)).all(-1)
@@ -146,7 +148,7 @@ class _Canvas:
     def blocked(self, centers: np.ndarray, radius: float, own: int) -> np.ndarray:
         """For each centre (n, 3): does its ball touch a segment other than `own`?"""
         flat, inside = self._balls(centers, radius)
-        found = self.labels.reshape(-1)[flat]
+        found = self.labels.ravel()[flat]
         hit = (found != 0) & (found != own)
         return (hit if inside is None else hit & inside).any(-1)
 
@@ -396,14 +398,25 @@ def _grow(canvas: _Canvas, shares: dict[str, float], space: float) -> None:
     left free (extracellular space). Spines grow only _SPINE_GROWTH layers, so they stay
     slender. A voxel reached by several segments in one layer goes to the highest label: a
     fixed rule, so the result is deterministic.
+
+    Only the frontier is visited: the free voxels next to a painted one, kept as a mask of
+    the volume padded by one free-never voxel on every side, so neighbours are flat offsets.
     """
     total = canvas.labels.size
     kind_of = np.array([CLASSES.index(k) if k else 0 for k in canvas.kinds])
-    code = canvas.labels * np.uint32(8) + canvas.compartments  # compartments < 8
-    free = canvas.labels == 0
+    code = np.pad(canvas.labels * np.uint32(8) + canvas.compartments, 1)  # compartments < 8
+    free = np.pad(canvas.labels == 0, 1)
+    frontier = free & ndi.binary_dilation(code != 0, _CROSS)
+    code, free, frontier = code.reshape(-1), free.reshape(-1), frontier.reshape(-1)
+    padded = canvas.shape + 2
+    neighbours = np.array([1, padded[2], padded[1] * padded[2]])
+    neighbours = np.concatenate([neighbours, -neighbours])
+    left = int(free.sum())
     gained = np.zeros(0, dtype=code.dtype)
+    compartment = np.arange(8 * len(kind_of)) % 8
+    label = np.arange(8 * len(kind_of)) // 8
     for layer in range(_MAX_GROWTH):
-        if free.sum() <= space * total:
+        if left <= space * total:
             break
         growing = [CLASSES.index(k) for k, share in shares.items()
                    if canvas.voxels[k] < share * total]
@@ -412,22 +425,24 @@ def _grow(canvas: _Canvas, shares: dict[str, float], space: float) -> None:
         by_compartment = np.zeros(8, dtype=bool)
         by_compartment[[AXON, SHAFT, SOMA, GLIA]] = True
         by_compartment[SPINE] = layer < _SPINE_GROWTH
-        by_label = np.isin(kind_of, growing)
-        labels = code // np.uint32(8)
-        source = np.where(by_compartment[code % 8] & by_label[labels], code, np.uint32(0))
-        reach = np.zeros_like(code)
-        for axis in range(3):
-            lo = [slice(None)] * 3
-            hi = [slice(None)] * 3
-            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-            np.maximum(reach[tuple(lo)], source[tuple(hi)], out=reach[tuple(lo)])
-            np.maximum(reach[tuple(hi)], source[tuple(lo)], out=reach[tuple(hi)])
-        taken = free & (reach != 0)
-        gained = reach[taken]
-        code[taken] = gained
-        free &= ~taken
+        # grows[code]: whether a voxel holding `code` grows this layer.
+        grows = by_compartment[compartment] & np.isin(kind_of, growing)[label]
+        at = np.flatnonzero(frontier)
+        reach = np.zeros(len(at), dtype=code.dtype)
+        for step in neighbours:
+            source = code[at + step]
+            np.maximum(reach, np.where(grows[source], source, np.uint32(0)), out=reach)
+        taken = reach != 0
+        at, gained = at[taken], reach[taken]
+        code[at] = gained
+        free[at] = frontier[at] = False
+        left -= len(at)
+        for step in neighbours:
+            near = at + step
+            frontier[near[free[near]]] = True
         for k, n in zip(CLASSES, np.bincount(kind_of[gained // 8], minlength=len(CLASSES))):
             canvas.voxels[k] += int(n)
+    code = code.reshape(canvas.shape + 2)[1:-1, 1:-1, 1:-1]
     canvas.labels = code // np.uint32(8)
     canvas.compartments = (code % 8).astype(np.uint8)
 

@@ -354,18 +354,26 @@ def test_exported_model_gives_keras_embeddings_in_a_fresh_process(tmp_path):
         segclr_model.export_saved_model(str(out), SMALL, checkpoint=prefix)
 
 
-def export_with_cli(out: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "segclr_beam.cli", "export-model", "--out", str(out),
-               "--widths", "4,8,8,16", "--input-size", "17", "--bottleneck-width", "16",
-               "--embedding-dim", "8", "--seed", "7"]
-    run = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert run.returncode == 0, run.stderr
-    return run
+def export_with_cli(*outs: Path) -> list[subprocess.CompletedProcess]:
+    """Export the same random network to each of `outs`, each in a fresh process, at once."""
+    runs = [subprocess.Popen(
+        [sys.executable, "-m", "segclr_beam.cli", "export-model", "--out", str(out),
+         "--widths", "4,8,8,16", "--input-size", "17", "--bottleneck-width", "16",
+         "--embedding-dim", "8", "--seed", "7"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)}) for out in outs]
+    done = []
+    for run in runs:
+        stdout, stderr = run.communicate()
+        assert run.returncode == 0, stderr
+        done.append(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
+    return done
 
 
 def test_cli_exports_random_weights_loudly_and_reproducibly(tmp_path):
-    run = export_with_cli(tmp_path / "random")
+    """Two fresh processes write the same bytes (names of traced functions count how many
+    were traced before in a process, so the exports run in processes of their own)."""
+    run, _ = export_with_cli(tmp_path / "random", tmp_path / "again")
     assert "RANDOM weights" in run.stderr
     identity = segclr_model.model_identity(str(tmp_path / "random"))
     assert identity["weights"] == "random-init" and identity["random_seed"] == 7
@@ -373,7 +381,6 @@ def test_cli_exports_random_weights_loudly_and_reproducibly(tmp_path):
     assert identity["signature"]["input"]["shape"] == [None, 17, 17, 17]
     assert json.loads(run.stdout) == identity
 
-    export_with_cli(tmp_path / "again")
     files = sorted(p.relative_to(tmp_path / "random") for p in (tmp_path / "random").rglob("*")
                    if p.is_file())
     assert len(files) == 5
