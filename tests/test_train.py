@@ -283,13 +283,18 @@ def test_configuration_errors_name_the_field(dataset, pair_table, tmp_path):
             config(dataset, pair_table, tmp_path, **overrides)
 
 
+# The command's runs: TINY on 17^3 views, checkpointed and logged every 4 of 12 steps; what
+# they test (the command, its record, resuming) needs no learning.
+CLI_STEPS, CLI_EVERY = 12, 4
+
+
 def run_cli(out: Path, dataset, pair_table, kill_at: str | None = None) -> tuple[str, str]:
     """`segclr-beam train` in a fresh process; killed when a log line contains `kill_at`."""
     flags = ["--pairs", pair_table, "--em", dataset.em, "--segmentation", dataset.segmentation,
-             "--out", str(out), "--widths", "4,8,8,16", "--input-size", "33",
-             "--bottleneck-width", "16", "--embedding-dim", "8", "--steps", "30",
+             "--out", str(out), "--widths", "4,8,8,16", "--input-size", "17",
+             "--bottleneck-width", "16", "--embedding-dim", "8", "--steps", str(CLI_STEPS),
              "--batch-size", "8", "--learning-rate", "3e-3", "--warmup-steps", "2",
-             "--checkpoint-every", "5", "--log-every", "5"]
+             "--checkpoint-every", str(CLI_EVERY), "--log-every", str(CLI_EVERY)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen([sys.executable, "-m", "segclr_beam.cli", "train", *flags],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -309,18 +314,18 @@ def run_cli(out: Path, dataset, pair_table, kill_at: str | None = None) -> tuple
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, dataset, pair_table):
     out = tmp_path / "out"
-    _, log = run_cli(out, dataset, pair_table, kill_at="checkpoint at step 10")
+    _, log = run_cli(out, dataset, pair_table, kill_at=f"checkpoint at step {CLI_EVERY}")
     assert not (out / segclr_model.TRAINING_RECORD).exists()
     stdout, log = run_cli(out, dataset, pair_table)
     resumed_from = int(log.split("resuming from step ")[1].split()[0])
-    assert 10 <= resumed_from < 30
-    assert f"step {resumed_from + 5 - resumed_from % 5}/30" in log
-    assert "step 5/30" not in log  # nothing before the checkpoint is trained again
+    assert CLI_EVERY <= resumed_from < CLI_STEPS
+    assert f"step {resumed_from + CLI_EVERY - resumed_from % CLI_EVERY}/{CLI_STEPS}" in log
+    assert f"step {CLI_EVERY}/{CLI_STEPS}" not in log  # nothing before the checkpoint again
     record = json.loads(stdout)
-    assert record["steps"] == 30
+    assert record["steps"] == CLI_STEPS
     # The same batches on the same state: the last loss of an uninterrupted run in a process
     # like it (the test process's TensorFlow may use another thread count, whose rounding
-    # 30 steps of Adam amplify), up to float rounding.
+    # the steps of Adam amplify), up to float rounding.
     whole, _ = run_cli(tmp_path / "whole", dataset, pair_table)
     assert record["final_loss"] == pytest.approx(json.loads(whole)["final_loss"], rel=1e-3)
 
