@@ -1,10 +1,13 @@
 """`classify apply` against reading the tree alone: nodes per second per core.
 
 A tree of random 64-d embeddings (2,000 segments of 50 nodes by default, 32 CSV-ZIP shards)
-is written once; an SNGP classifier of the published size (hidden 128, 2 blocks, 2048 random
-features) is trained briefly on part of it. Then, on Beam's FnApiRunner with one worker:
+is written once; a plain and an SNGP classifier of the published size (hidden 128, 2 blocks,
+2048 random features) are trained briefly on part of it. Then, on Beam's FnApiRunner with one worker:
 - read: every shard file read and parsed into segments (what apply does before classifying);
-- apply: `classify apply` on the same tree (read, classify, write shards and summaries).
+- plain, sngp: `classify apply` on the same tree (read, classify, write shards and summaries)
+  with a plain classifier and with an SNGP one, whose posterior variance costs a product with
+  the 2048 x 2048 covariance per node;
+- sngp+layer: the SNGP one with the annotation layer of the nodes (`--annotations`).
 Nodes per CPU second is the per-core rate (the process's CPU time, which a shared machine
 disturbs less than wall time, also printed); the ratio says what classifying adds.
 
@@ -47,7 +50,8 @@ def write_tree(root: str, segments: int, nodes: int, seed: int = 0) -> str:
              | WriteEmbeddings(root, {"agg10um": 10000.0},
                                coordinates=CoordinateSystem.voxels((32, 32, 33)),
                                num_shards=32, bytewidth=8, embedding_dim=DIM,
-                               formats=("csv_zip",), model=model))
+                               formats=("csv_zip",), model=model,
+                               volumes={"bbox": [0, 0, 0, 10000, 10000, 10000]}))
     return f"{root}/agg10um"
 
 
@@ -88,22 +92,28 @@ def main() -> None:
             x.append(segment.embeddings)
             y += [f"class{segment.segment_id % 4}"] * len(segment)
             g += [segment.segment_id] * len(segment)
-        model = classify.train(np.concatenate(x), y, np.array(g), classify.ClassifierConfig(
-            sngp=True, max_epochs=3), input={"variant": "agg10um",
-                                            "aggregation_radius_nm": 10000.0,
-                                            "model": reader.info["model"]})
-        model.save(f"{root}/classifier")
+        for sngp in (False, True):
+            classify.train(np.concatenate(x), y, np.array(g), classify.ClassifierConfig(
+                sngp=sngp, max_epochs=3), input=classify.tree_input(tree, reader.info)).save(
+                f"{root}/{'sngp' if sngp else 'plain'}")
         nodes = args.segments * args.nodes_per_segment
         read_only(tree)  # warm caches and imports once
         results = {"read": timed(read_only, tree),
-                   "apply": timed(apply.run, tree, f"{root}/classifier", f"{root}/out",
-                                  ONE_WORKER)}
-    print(f"{nodes:,} nodes, {DIM}-d, 32 shards, SNGP hidden 128 x 2 blocks, 2048 features")
+                   "plain": timed(apply.run, tree, f"{root}/plain", f"{root}/plain-out",
+                                  ONE_WORKER),
+                   "sngp": timed(apply.run, tree, f"{root}/sngp", f"{root}/sngp-out",
+                                 ONE_WORKER),
+                   "sngp+layer": timed(apply.run, tree, f"{root}/sngp", f"{root}/layer",
+                                       ONE_WORKER, apply.DEFAULT_BATCH_SIZE, False, True)}
+    print(f"{nodes:,} nodes, {DIM}-d, 32 shards; classifiers hidden 128 x 2 blocks, SNGP with "
+          f"2048 random features")
     for name, (cpu, wall) in results.items():
-        print(f"  {name:6s} {nodes / cpu:10,.0f} nodes per CPU s   {nodes / wall:10,.0f} "
+        print(f"  {name:10s} {nodes / cpu:10,.0f} nodes per CPU s   {nodes / wall:10,.0f} "
               f"nodes per wall s   (CPU {cpu:.1f} s, wall {wall:.1f} s)")
-    (read_cpu, read_wall), (apply_cpu, apply_wall) = results["read"], results["apply"]
-    print(f"apply / read: CPU {apply_cpu / read_cpu:.2f}x, wall {apply_wall / read_wall:.2f}x")
+    read_cpu, read_wall = results["read"]
+    for name in ("plain", "sngp", "sngp+layer"):
+        cpu, wall = results[name]
+        print(f"{name} / read: CPU {cpu / read_cpu:.2f}x, wall {wall / read_wall:.2f}x")
 
 
 if __name__ == "__main__":

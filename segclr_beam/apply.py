@@ -2,15 +2,20 @@
 
     shard files of the tree --read, one element per file--> segments --classifier in a DoFn
     (loaded once per worker), batches fixed per shard--> per-node probabilities and
-    uncertainty --shard by segment as the tree--> OUTPUT/{shard}.zip, OUTPUT/segments/, info.json
+    uncertainty --shard by segment as the tree--> OUTPUT/{shard}.zip, OUTPUT/segments/,
+    [OUTPUT/annotations/], info.json
 
 Each `{shard}.zip` holds a `{segment_id}.csv` per segment with rows
 `node_id,x,y,z,p_<class>...,uncertainty` (the CSV-ZIP writer of the embeddings, so
 segclr_beam.reader reads it too); `segments/{shard}.csv` has one row per segment: its node
 count, majority class, the fraction of its nodes in that class and their mean uncertainty.
 Probabilities are the variance-adjusted softmax (plain softmax without SNGP), the uncertainty
-the Dempster-Shafer score of the same logits. The tree must come from the embedding model and
-variant the classifier was trained on; that is checked before any work.
+the Dempster-Shafer score of the same logits. On request the nodes also go to a Neuroglancer
+annotation layer (segclr_beam.annotations) with their class, uncertainty and probabilities.
+
+`prepare` checks before any work that the tree comes from the embedding model and variant
+the classifier was trained on, and takes the output's lock (segclr_beam.lock); `run` runs
+the job, and a local run that fails removes what it wrote.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from typing import Any, Iterable
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-
 from neuroglancer import AnnotationPropertySpec
 
 from segclr_beam import annotations, classify, shards
+from segclr_beam.config import ConfigError
 from segclr_beam.job import check_writable, remove_run
 from segclr_beam.lock import LockedError, OutputLock
 from segclr_beam.outputs import INFO_NAME, NothingToWriteError, write_csv_zip
@@ -50,25 +55,27 @@ _LOG = logging.getLogger(__name__)
 
 
 def check_compatible(tree: EmbeddingReader, meta: dict, classifier_path: str) -> None:
-    """Raise ValueError unless `tree` holds the embeddings the classifier was trained on."""
+    """Raise ConfigError unless `tree` holds the embeddings the classifier was trained on."""
     info, trained = tree.info, meta["input"]
     if info is None:
-        raise ValueError(f"{tree.path} has no {INFO_NAME}: cannot check that it holds the "
-                         f"embeddings the classifier {classifier_path} was trained on")
+        raise ConfigError(f"tree: {tree.path} has no {INFO_NAME}: cannot check that it holds "
+                          f"the embeddings the classifier {classifier_path} was trained on")
     for key in ("variant", "aggregation_radius_nm"):
         if info.get(key) != trained.get(key):
-            raise ValueError(f"{key}: the tree {tree.path} has {info.get(key)!r}, the "
-                             f"classifier {classifier_path} was trained on {trained.get(key)!r}")
+            raise ConfigError(f"{key}: the tree {tree.path} has {info.get(key)!r}, the "
+                              f"classifier {classifier_path} was trained on "
+                              f"{trained.get(key)!r}")
     mine, theirs = info.get("model") or {}, trained.get("model") or {}
     for key in ("model_id", "weights_sha256"):
         if mine.get(key) != theirs.get(key):
-            raise ValueError(f"embedding model: the tree {tree.path} was embedded by "
-                             f"{mine.get('model_id')!r} ({key} {mine.get(key)!r}), the "
-                             f"classifier {classifier_path} was trained on embeddings of "
-                             f"{theirs.get('model_id')!r} ({key} {theirs.get(key)!r})")
+            raise ConfigError(f"embedding model: the tree {tree.path} was embedded by "
+                              f"{mine.get('model_id')!r} ({key} {mine.get(key)!r}), the "
+                              f"classifier {classifier_path} was trained on embeddings of "
+                              f"{theirs.get('model_id')!r} ({key} {theirs.get(key)!r})")
     if info.get("embedding_dim") != meta["embedding_dim"]:
-        raise ValueError(f"embedding_dim: the tree {tree.path} has {info.get('embedding_dim')}, "
-                         f"the classifier {classifier_path} takes {meta['embedding_dim']}")
+        raise ConfigError(f"embedding_dim: the tree {tree.path} has "
+                          f"{info.get('embedding_dim')}, the classifier {classifier_path} "
+                          f"takes {meta['embedding_dim']}")
 
 
 def segment_summary(segment_id: int, probabilities: np.ndarray, uncertainty: np.ndarray,
@@ -222,27 +229,33 @@ def prepare(tree_path: str, classifier_path: str, output: str, overwrite: bool =
     incomplete earlier run left at the output is removed, and with `overwrite` a complete one.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    tree = EmbeddingReader(tree_path)
-    meta = classify.read_meta(classifier_path)
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    try:
+        tree = EmbeddingReader(tree_path)
+    except ValueError as e:
+        raise ConfigError(f"tree: {e}") from None
+    try:
+        meta = classify.read_meta(classifier_path)
+    except ValueError as e:
+        raise ConfigError(f"classifier: {e}") from None
     check_compatible(tree, meta, classifier_path)
     if not tree.shard_paths():
-        raise ValueError(f"{tree.path} holds no shard files")
+        raise ConfigError(f"tree: {tree.path} holds no shard files")
     if annotations and "bbox" not in (tree.info.get("volumes") or {}):
-        raise ValueError(f"annotations: the tree {tree.path} records no box (volumes.bbox in "
-                         f"its {INFO_NAME}) for the annotation layer")
+        raise ConfigError(f"annotations: the tree {tree.path} records no box (volumes.bbox "
+                          f"in its {INFO_NAME}) for the annotation layer")
     output = output.rstrip("/")
     if output == tree.path:
-        raise ValueError(f"output: {output} is the tree being classified")
+        raise ConfigError(f"output: {output} is the tree being classified")
     try:
         lock = OutputLock.acquire(output)
     except LockedError as e:
-        raise ValueError(str(e)) from None
+        raise ConfigError(str(e)) from None
     job = ApplyJob(tree, meta, classifier_path, output, batch_size, annotations, lock)
     try:
         if FileSystems.exists(shards.join(output, INFO_NAME)) and not overwrite:
-            raise ValueError(f"output: {output} holds a previous classification ({INFO_NAME}); "
-                             f"choose another path or pass --overwrite")
+            raise ConfigError(f"output: {output} holds a previous classification "
+                              f"({INFO_NAME}); choose another path or pass --overwrite")
         removed = remove_run(output, entries=OUTPUT_ENTRIES)
         if removed:
             _LOG.warning("removed %d entries of an earlier %s at %s before starting",
@@ -305,12 +318,21 @@ def run(tree_path: str, classifier_path: str, output: str, beam_args: list[str] 
     return result
 
 
+def read_info(output: str) -> dict | None:
+    """The info.json of a finished `classify apply` output, None if there is none."""
+    path = shards.join(output, INFO_NAME)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read())
+
+
 def read_segment_summary(output: str) -> dict[int, tuple[int, str, float, float]]:
     """{segment id: (nodes, class, fraction, mean uncertainty)} of a `classify apply` output."""
     result = {}
-    for name in sorted(shards.list_names(shards.join(output, SEGMENTS_DIR), "*.csv")):
-        with FileSystems.open(shards.join(output, SEGMENTS_DIR, name)) as f:
+    for file in sorted(shards.list_names(shards.join(output, SEGMENTS_DIR), "*.csv")):
+        with FileSystems.open(shards.join(output, SEGMENTS_DIR, file)) as f:
             for line in f.read().decode().splitlines()[1:]:
-                segment, nodes, name_, fraction, mean = line.split(",")
-                result[int(segment)] = (int(nodes), name_, float(fraction), float(mean))
+                segment, nodes, name, fraction, mean = line.split(",")
+                result[int(segment)] = (int(nodes), name, float(fraction), float(mean))
     return result

@@ -229,14 +229,20 @@ def _classify_train(args: argparse.Namespace) -> None:
 
 def _classify_apply(args: argparse.Namespace) -> None:
     from segclr_beam import apply, runner
+    from segclr_beam.job import root_cause
 
     runner.configure_logging()
     try:
-        apply.run(args.tree, args.classifier, args.output, args.forwarded, args.batch_size,
-                  args.overwrite, args.annotations)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"segclr-beam classify apply: {e}") from None
-    print(f"classifications in {args.output}")
+        result = apply.run(args.tree, args.classifier, args.output, args.forwarded,
+                           args.batch_size, args.overwrite, args.annotations)
+    except Exception as e:  # a stage's error reaches here wrapped by Beam
+        raise SystemExit(f"segclr-beam classify apply: {root_cause(e)}") from None
+    info = apply.read_info(args.output)
+    if info is None:
+        print(f"submitted: {result}")
+    else:
+        print(f"classified {info['nodes']} nodes of {info['segments']} segments: "
+              f"{args.output}")
 
 
 def _classify_report(args: argparse.Namespace) -> None:
@@ -265,7 +271,7 @@ def _classify_report(args: argparse.Namespace) -> None:
     if args.pictures:
         for path in report.pictures(args.pictures, keep["embeddings"], keep["labels"],
                                     keep["predicted"], keep["uncertainty"], keep["classes"],
-                                    f"{keep['task']} {keep['variant']}"):
+                                    f"{keep['variant']}, {keep['task']} classifier (SNGP)"):
             print(f"picture {path}")
 
 

@@ -134,7 +134,7 @@ def labelled_nodes(tree: str, labels: Labels, classes: Iterable[str] | None = No
     their classes, optionally only those of `classes`; raise if there are none."""
     nodes = read_nodes(tree, labels.segment_ids())
     names = labels.of(nodes)
-    keep = names != None  # noqa: E711 (element-wise)
+    keep = np.array([n is not None for n in names], bool)
     if classes is not None:
         keep &= np.isin(names, list(classes))
     if not keep.any():

@@ -19,6 +19,7 @@ import numpy as np
 from segclr_beam import classify
 from segclr_beam.evaluate import variant_trees
 from segclr_beam.labels import Labels, labelled_nodes
+from segclr_beam.reader import EmbeddingReader
 
 HEADS = {"plain": False, "sngp": True}
 TEST_FRACTION = 1 / 3  # segments held out for testing when no test root is given
@@ -83,8 +84,8 @@ def evaluate(train_root: str, test_root: str | None,
     """Rows of task x variant x head, training on `train_root`'s trees and testing on
     `test_root`'s (default: a third of the segments of `train_root`, held out). `tasks` maps
     a task name to its (train, test) labels; `variants` default to every tree of the run.
-    `keep`, if given, receives the SNGP classifier's test predictions of the first task and
-    last variant, for the pictures."""
+    `keep`, if given, receives the SNGP classifier of the first task and last variant
+    ("classifier", ready to save and apply) and its test predictions, for the pictures."""
     trees = variant_trees(train_root)
     tested = trees if test_root is None else variant_trees(test_root)
     variants = list(trees) if variants is None else list(variants)
@@ -101,10 +102,11 @@ def evaluate(train_root: str, test_root: str | None,
             train, test = _splits(trees[variant], None if test_root is None
                                   else tested[variant], labels, config.seed)
             ood = sorted(set(holdout) & set(train.labels.tolist()))
+            tree = classify.tree_input(trees[variant], EmbeddingReader(trees[variant]).info)
             for head, sngp in HEADS.items():
                 head_config = dataclasses.replace(config, sngp=sngp)
                 model = classify.train(train.embeddings, train.labels, train.segments,
-                                       head_config)
+                                       head_config, input=tree)
                 probabilities, uncertainty = model.predict(test.embeddings)
                 predicted = np.array(model.classes, dtype=object)[probabilities.argmax(axis=1)]
                 known = np.isin(test.labels, model.classes)
@@ -115,7 +117,8 @@ def evaluate(train_root: str, test_root: str | None,
                                 segment_accuracy(test.segments, test.labels, predicted), auroc))
                 if keep is not None and sngp and task == next(iter(tasks)) \
                         and variant == variants[-1]:
-                    keep.update(embeddings=test.embeddings, labels=test.labels,
+                    keep.update(classifier=model, embeddings=test.embeddings,
+                                labels=test.labels,
                                 predicted=predicted, uncertainty=uncertainty,
                                 classes=model.classes, variant=variant, task=task)
     return rows
@@ -180,7 +183,7 @@ def pictures(directory: str, embeddings: np.ndarray, labels: np.ndarray,
         mine = labels == name
         left.scatter(xy[mine, 0], xy[mine, 1], s=6, label=f"{name} ({mine.sum()})")
     left.legend()
-    left.set_title(f"UMAP of {title} embeddings by class")
+    left.set_title(f"UMAP of the embeddings by class ({title})")
     dots = right.scatter(xy[:, 0], xy[:, 1], s=6, c=uncertainty, cmap="viridis")
     figure.colorbar(dots, ax=right, label="Dempster-Shafer uncertainty")
     right.set_title("by the classifier's uncertainty")
@@ -194,7 +197,7 @@ def pictures(directory: str, embeddings: np.ndarray, labels: np.ndarray,
     ConfusionMatrixDisplay.from_predictions(labels.tolist(), predicted.tolist(), labels=names,
                                             normalize="true", values_format=".2f", ax=axis,
                                             colorbar=False)
-    axis.set_title(f"confusion, {title} (rows sum to 1)")
+    axis.set_title(f"confusion ({title}; rows sum to 1)")
     figure.tight_layout()
     confusion_path = os.path.join(directory, "confusion.png")
     figure.savefig(confusion_path, dpi=100)
