@@ -310,7 +310,7 @@ def _classify(dataset: synth.Dataset, run: str, beam_args: list[str]) -> None:
     start = time.monotonic()
     # A quarter of the published width and of its random features: on a few hundred nodes
     # each of the report's classifiers then trains in seconds.
-    config = classify.ClassifierConfig(hidden=32, random_features=512, patience=10)
+    config = classify.ClassifierConfig(hidden=32, random_features=512, patience=5)
     classes = Labels(synth.CLASSES_FILE, by_segment=dataset.classes)
     compartments = compartment_labels(
         open_volume(dataset.compartments, "compartments", synth.RESOLUTION),
