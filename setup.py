@@ -35,7 +35,7 @@ setup(
         # cannot use, while the GPU worker image (docker/) installs the CUDA build.
         "cpu": ["tensorflow-cpu==2.21.*"],
         "gpu": ["tensorflow[and-cuda]==2.21.*"],
-        "demo": ["matplotlib>=3.8"],
+        "demo": ["matplotlib>=3.8", "umap-learn>=0.5.7"],  # classify report's pictures
         "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3"],
     },
     entry_points={"console_scripts": ["segclr-beam=segclr_beam.cli:main"]},

@@ -188,6 +188,161 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"written: {args.json}")
 
 
+def _labels(labels: str | None, compartments: str | None, resolution, tree: str):
+    """Labels from a CSV/JSON file, or node labels from a compartment volume (at
+    `resolution`, default the tree's) read at the tree's nodes."""
+    from segclr_beam import labels as labelling
+    from segclr_beam import reader, volume
+
+    if (labels is None) == (compartments is None):
+        raise ValueError("give one of --labels and --compartments")
+    if compartments is None:
+        return labelling.read_labels(labels)
+    resolution = resolution or reader.EmbeddingReader(tree).coordinates.resolution_nm
+    return labelling.compartment_labels(
+        volume.open_volume(compartments, "compartments", resolution), tree)
+
+
+def _classifier_config(args: argparse.Namespace):
+    from segclr_beam.classify import ClassifierConfig
+
+    return ClassifierConfig(**{f.name: getattr(args, f.name)
+                               for f in dataclasses.fields(ClassifierConfig)})
+
+
+def _classify_train(args: argparse.Namespace) -> None:
+    import json
+
+    from segclr_beam import classify
+
+    try:
+        labels = _labels(args.labels, args.compartments, args.compartments_resolution,
+                         args.tree)
+        classifier = classify.train_on_tree(args.tree, labels, _classifier_config(args),
+                                            args.classes, verbose=2 if args.verbose else 0)
+        classifier.save(args.out)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"segclr-beam classify train: {e}") from None
+    print(json.dumps({"classifier": args.out, "classes": list(classifier.classes),
+                      "metrics": classifier.metrics}, indent=2))
+
+
+def _classify_apply(args: argparse.Namespace) -> None:
+    from segclr_beam import apply, runner
+    from segclr_beam.job import root_cause
+
+    runner.configure_logging()
+    try:
+        result = apply.run(args.tree, args.classifier, args.output, args.forwarded,
+                           args.batch_size, args.overwrite, args.annotations)
+    except Exception as e:  # a stage's error reaches here wrapped by Beam
+        raise SystemExit(f"segclr-beam classify apply: {root_cause(e)}") from None
+    info = apply.read_info(args.output)
+    if info is None:
+        print(f"submitted: {result}")
+    else:
+        print(f"classified {info['nodes']} nodes of {info['segments']} segments: "
+              f"{args.output}")
+
+
+def _classify_report(args: argparse.Namespace) -> None:
+    from segclr_beam import report
+
+    try:
+        tasks = {}
+        given = {"class": ((args.labels, None), (args.test_labels, None)),
+                 "compartment": ((None, args.compartments), (None, args.test_compartments))}
+        for task, (train, test) in given.items():
+            if train == (None, None):
+                continue
+            raw = f"{args.train}/raw"
+            first = _labels(*train, args.compartments_resolution, raw)
+            second = first if test == (None, None) else _labels(
+                *test, args.compartments_resolution, f"{args.test or args.train}/raw")
+            tasks[task] = (first, second)
+        if not tasks:
+            raise ValueError("give --labels and/or --compartments")
+        keep = {} if args.pictures else None
+        rows = report.evaluate(args.train, args.test, tasks, args.variants,
+                               _classifier_config(args), args.holdout_classes or (), keep)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"segclr-beam classify report: {e}") from None
+    print(report.format_rows(rows))
+    if args.pictures:
+        for path in report.pictures(args.pictures, keep["embeddings"], keep["labels"],
+                                    keep["predicted"], keep["uncertainty"], keep["classes"],
+                                    f"{keep['variant']}, {keep['task']} classifier (SNGP)"):
+            print(f"picture {path}")
+
+
+def _add_classify(commands) -> None:
+    from segclr_beam.apply import DEFAULT_BATCH_SIZE
+    from segclr_beam.classify import ClassifierConfig
+    from segclr_beam.config import add_flags, names, numbers
+
+    group = commands.add_parser(
+        "classify", help="classifiers on embeddings: train, apply (a Beam job), report")
+    steps = group.add_subparsers(dest="step", required=True)
+
+    def labels(p, prefix=""):
+        p.add_argument(f"--{prefix}labels", default=None,
+                       help="CSV (segment_id,class | segment_id,node_id,class | "
+                            "segment_id,x,y,z,class) or JSON {segment id: class}")
+        p.add_argument(f"--{prefix}compartments", default=None,
+                       help="per-voxel compartment volume (the synthetic dataset's uint8 "
+                            "codes: 1 axon, 2 shaft, 3 spine, 4 soma, 5 glia) read at the nodes")
+
+    def compartments_resolution(p):
+        p.add_argument("--compartments-resolution", type=numbers(float), default=None,
+                       help="the scale of the compartment volume to read, X,Y,Z nm "
+                            "(default: the tree's resolution)")
+
+    p = steps.add_parser("train", help="train a classifier on the labelled nodes of a tree")
+    p.add_argument("--tree", required=True, help="embedding tree, e.g. OUT/agg10um")
+    labels(p)
+    compartments_resolution(p)
+    p.add_argument("--out", required=True, help="new classifier directory (local or gs://)")
+    p.add_argument("--classes", type=names, default=None,
+                   help="only nodes of these classes, comma-separated (default: every label)")
+    p.add_argument("--verbose", action="store_true", help="print every epoch")
+    add_flags(p, defaults=True, config=ClassifierConfig)
+    p.set_defaults(run=_classify_train)
+
+    p = steps.add_parser("apply", help="classify every node of a tree (a Beam job; other "
+                         "flags go to Beam)")
+    p.add_argument("--tree", required=True, help="embedding tree, e.g. OUT/agg10um")
+    p.add_argument("--classifier", required=True, help="classifier directory")
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"nodes per classifier call (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--annotations", action="store_true",
+                   help="also write a Neuroglancer annotation layer of the nodes with their "
+                        "class, uncertainty and probabilities (OUTPUT/annotations/)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous output")
+    p.set_defaults(run=_classify_apply, forwarded=[])
+
+    p = steps.add_parser(
+        "report", help="train on one output root, test on another: node balanced accuracy "
+        "and segment accuracy per variant, plain vs SNGP, OOD AUROC of the uncertainty, "
+        "pictures")
+    p.add_argument("--train", required=True, help="output root to train on")
+    p.add_argument("--test", default=None, help="output root to test on (default: a third "
+                   "of the segments of --train, held out)")
+    labels(p)
+    labels(p, "test-")
+    compartments_resolution(p)
+    p.add_argument("--variants", type=names, default=None,
+                   help="trees below each root (default: every tree, raw first)")
+    p.add_argument("--holdout-classes", type=names, default=None,
+                   help="train without these classes too and report the AUROC of the "
+                        "uncertainty for their nodes")
+    p.add_argument("--pictures", default=None,
+                   help="write umap.png and confusion.png here (SNGP, first task, last "
+                        "variant)")
+    add_flags(p, defaults=True, config=ClassifierConfig)
+    p.set_defaults(run=_classify_report)
+
+
 # Jobs with a parser of their own in pipelines/: `segclr-beam JOB ...` is `python -m pipelines.JOB ...`.
 _JOBS = {
     "embed": "embed every segment of a volume: points, cutouts, SegCLR, radius means, outputs "
@@ -287,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmentation", default=None,
                    help="segmentation for the baseline (default: the run's, from run.json)")
     p.set_defaults(run=_evaluate)
+
+    _add_classify(commands)
 
     for name, text in _JOBS.items():
         commands.add_parser(name, add_help=False, help=text).set_defaults(run=_job, forwarded=[])

@@ -86,23 +86,25 @@ RUN_ENTRIES = (RUN_FILE, "points*.avro", RAW, "agg*um", MANIFEST_DIR, "skeletons
                annotations.DIRECTORY, TEMP_PREFIX + "*", REPROCESS_DIR, ".segclr-write-probe")
 
 
-def run_entries(root: str) -> list[str]:
-    """The paths of `RUN_ENTRIES` that exist below `root` (directories as themselves)."""
+def run_entries(root: str, entries: Collection[str] = RUN_ENTRIES) -> list[str]:
+    """The paths of `entries` (glob patterns) that exist below `root` (directories as
+    themselves)."""
     if FileSystems.get_scheme(root) in (None, "file"):
-        return sorted(path for pattern in RUN_ENTRIES
+        return sorted(path for pattern in entries
                       for path in glob.glob(os.path.join(glob.escape(root), pattern)))
     found = set()
-    for pattern in RUN_ENTRIES:  # object stores: files, and the files under "directories"
+    for pattern in entries:  # object stores: files, and the files under "directories"
         for result in FileSystems.match([join(root, pattern), join(root, pattern, "**")]):
             found.update(m.path for m in result.metadata_list)
     return sorted(found)
 
 
-def remove_run(root: str, keep: str | None = None) -> list[str]:
-    """Delete everything a run puts below `root` (RUN_ENTRIES) but the entry holding `keep`
-    (an input that lives there, e.g. a model exported by an earlier run); returns what was
-    deleted."""
-    found = [p for p in run_entries(root) if keep is None
+def remove_run(root: str, keep: str | None = None,
+               entries: Collection[str] = RUN_ENTRIES) -> list[str]:
+    """Delete everything a run puts below `root` (`entries`, the embedding job's by default)
+    but the entry holding `keep` (an input that lives there, e.g. a model exported by an
+    earlier run); returns what was deleted."""
+    found = [p for p in run_entries(root, entries) if keep is None
              or not (keep.rstrip("/") + "/").startswith(p.rstrip("/") + "/")]
     for path in found:
         if os.path.isdir(path) and FileSystems.get_scheme(root) in (None, "file"):

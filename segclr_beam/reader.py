@@ -94,15 +94,23 @@ class EmbeddingReader:
                     if member in archive.NameToInfo:
                         yield self._parse(segment_id, archive.read(member))
 
-    def __iter__(self) -> Iterator[SegmentEmbeddings]:
-        """Every segment, shard by shard in shard order, members in archive order."""
+    def shard_paths(self) -> list[str]:
+        """The tree's shard files, in shard order."""
         listing = FileSystems.match([FileSystems.join(self.path, "*.zip")])[0].metadata_list
         paths = {int(m.path.rsplit("/", 1)[-1][:-4]): m.path for m in listing
                  if m.path.rsplit("/", 1)[-1][:-4].isdigit()}
-        for shard in sorted(paths):
-            with self._open(paths[shard]) as archive:
-                for member in archive.namelist():
-                    yield self._parse(int(member.removesuffix(".csv")), archive.read(member))
+        return [paths[shard] for shard in sorted(paths)]
+
+    def read_shard(self, path: str) -> Iterator[SegmentEmbeddings]:
+        """The segments of one shard file, in archive order."""
+        with self._open(path) as archive:
+            for member in archive.namelist():
+                yield self._parse(int(member.removesuffix(".csv")), archive.read(member))
+
+    def __iter__(self) -> Iterator[SegmentEmbeddings]:
+        """Every segment, shard by shard in shard order, members in archive order."""
+        for path in self.shard_paths():
+            yield from self.read_shard(path)
 
     @staticmethod
     def _open(path: str) -> zipfile.ZipFile:
