@@ -52,8 +52,10 @@ class DemoSize:
 
     @property
     def tag(self) -> str:
-        """Names the pair table, training run and models of this size under --data."""
-        return f"{self.name}-{'-'.join(map(str, self.widths))}-{self.cutout_size}"
+        """Names the pair table, training run and models of this size under --data (a cache
+        made with other widths, cutouts or training budget is not reused)."""
+        return (f"{self.name}-{'-'.join(map(str, self.widths))}-{self.cutout_size}"
+                f"-{self.steps}x{self.batch_size}")
 
     @property
     def resolution(self) -> tuple[float, float, float]:
@@ -66,12 +68,13 @@ class DemoSize:
                             bottleneck_width=self.bottleneck_width)
 
 
-# A CPU affords a few hundred training steps of a few thousand views in minutes only on a
-# small network with small cutouts. The demo network has an eighth of the published widths
-# and 33^3 cutouts at twice the synthetic voxel size, 2 um across: windows that show a piece
-# of a cell's shape, not only its texture, at about 1/1000 of the published arithmetic.
+# A CPU affords a thousand or so training steps of 16 pairs in minutes only on a small
+# network with small cutouts. The demo network has an eighth of the published widths and
+# 33^3 cutouts at twice the synthetic voxel size, 2 um across: windows that show a piece of a
+# cell's shape, not only its texture, at about 1/1000 of the published arithmetic. Its loss
+# stays at random weights' level for the first few hundred steps and falls after.
 DEMO = DemoSize("demo", downsampling=2, widths=(8, 16, 32, 64), cutout_size=33,
-                bottleneck_width=64, steps=300, batch_size=16, learning_rate=1e-3,
+                bottleneck_width=64, steps=1500, batch_size=16, learning_rate=1e-3,
                 warmup_steps=30, min_distance_nm=500.0, max_distance_nm=2500.0)
 # The published network: 129^3 cutouts at the synthetic resolution (4 um across); for a GPU.
 PUBLISHED = DemoSize("published", downsampling=1, widths=(64, 128, 256, 512), cutout_size=129,
