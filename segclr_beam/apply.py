@@ -32,7 +32,7 @@ from neuroglancer import AnnotationPropertySpec
 
 from segclr_beam import annotations, classify, shards
 from segclr_beam.config import ConfigError
-from segclr_beam.job import check_writable, remove_run
+from segclr_beam.job import check_output, remove_run
 from segclr_beam.lock import LockedError, OutputLock
 from segclr_beam.outputs import INFO_NAME, NothingToWriteError, write_csv_zip
 from segclr_beam.reader import EmbeddingReader
@@ -253,14 +253,7 @@ def prepare(tree_path: str, classifier_path: str, output: str, overwrite: bool =
         raise ConfigError(str(e)) from None
     job = ApplyJob(tree, meta, classifier_path, output, batch_size, annotations, lock)
     try:
-        if FileSystems.exists(shards.join(output, INFO_NAME)) and not overwrite:
-            raise ConfigError(f"output: {output} holds a previous classification "
-                              f"({INFO_NAME}); choose another path or pass --overwrite")
-        removed = remove_run(output, entries=OUTPUT_ENTRIES)
-        if removed:
-            _LOG.warning("removed %d entries of an earlier %s at %s before starting",
-                         len(removed), "run" if overwrite else "incomplete run", output)
-        check_writable(output)
+        check_output(output, INFO_NAME, "classification", overwrite, entries=OUTPUT_ENTRIES)
     except BaseException:
         lock.release()
         raise

@@ -114,18 +114,19 @@ def remove_run(root: str, keep: str | None = None,
     return found
 
 
-def _check_output(config: EmbedConfig) -> None:
-    """Refuse to replace a complete previous run unless --overwrite; remove what an earlier run
-    left (a killed or failed one, or with --overwrite any); prove the output is writable.
-    Called with the output's lock held, so nothing else writes there."""
-    root = config.output
-    if FileSystems.exists(join(root, RUN_FILE)) and not config.overwrite:
-        raise ConfigError(f"output: {root} holds a previous run ({join(root, RUN_FILE)}); "
+def check_output(root: str, marker: str, what: str, overwrite: bool,
+                 entries: Collection[str] = RUN_ENTRIES, keep: str | None = None) -> None:
+    """Refuse to replace a complete previous `what` (its `marker` file exists) unless
+    `overwrite`; remove what an earlier one left below `root` (`entries`; a killed or failed
+    one, or with `overwrite` any) but `keep`; prove `root` is writable. Called with the
+    output's lock held, so nothing else writes there."""
+    if FileSystems.exists(join(root, marker)) and not overwrite:
+        raise ConfigError(f"output: {root} holds a previous {what} ({join(root, marker)}); "
                           "choose another path or pass --overwrite")
-    removed = remove_run(root, keep=config.model)
+    removed = remove_run(root, keep=keep, entries=entries)
     if removed:
         _LOG.warning("removed %d entries of an earlier %s at %s before starting: %s",
-                     len(removed), "run" if config.overwrite else "incomplete run", root,
+                     len(removed), what if overwrite else f"incomplete {what}", root,
                      ", ".join(p.rsplit("/", 1)[-1] for p in removed[:8]))
     check_writable(root)
 
@@ -194,7 +195,7 @@ def prepare(config: EmbedConfig) -> Job:
     except Exception as e:  # the filesystem's own error types vary by scheme
         raise ConfigError(f"output: cannot write to {config.output}: {e}") from None
     try:
-        _check_output(config)
+        check_output(config.output, RUN_FILE, "run", config.overwrite, keep=config.model)
         model_dir = _resolve_model(config)
         try:
             identity = inference.check_model(model_dir)
