@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -32,8 +31,7 @@ from neuroglancer import AnnotationPropertySpec
 
 from segclr_beam import annotations, classify, shards
 from segclr_beam.config import ConfigError
-from segclr_beam.job import check_output, remove_run
-from segclr_beam.lock import LockedError, OutputLock
+from segclr_beam.job import OutputClaim
 from segclr_beam.outputs import INFO_NAME, NothingToWriteError, write_csv_zip
 from segclr_beam.reader import EmbeddingReader
 from segclr_beam.records import EmbeddingTable, Point
@@ -51,7 +49,6 @@ NODES = "nodes"  # the Classify step's tagged output of annotation records
 # left them incomplete (or with --overwrite), and after a local run that failed.
 OUTPUT_ENTRIES = (INFO_NAME, "*.zip", SEGMENTS_DIR, annotations.DIRECTORY,
                   shards.TEMP_PREFIX + "*", ".segclr-write-probe")
-_LOG = logging.getLogger(__name__)
 
 
 def check_compatible(tree: EmbeddingReader, meta: dict, classifier_path: str) -> None:
@@ -99,21 +96,11 @@ class ApplyJob:
     output: str
     batch_size: int
     annotations: bool
-    lock: OutputLock
+    claim: OutputClaim
 
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.meta["classes"])
-
-    def finish(self) -> None:
-        """Release the output (the run is complete)."""
-        self.lock.release()
-
-    def discard(self) -> None:
-        """Remove what this run wrote and release the output (the run failed)."""
-        if remove_run(self.output, entries=OUTPUT_ENTRIES):
-            _LOG.warning("removed the incomplete outputs of this run at %s", self.output)
-        self.finish()
 
     def layer(self) -> annotations.Layer:
         """The annotation layer of the classified nodes: the tree's embeddings with the
@@ -217,7 +204,7 @@ class _Output:
                                        SEGMENTS_DIR: [w[1] for w in written]},
                                       {INFO_NAME: marker}, stale=("*.zip", "*.csv"))
         if release:
-            self.job.finish()
+            self.job.claim.finish()
         return paths[0]
 
 
@@ -225,7 +212,7 @@ def prepare(tree_path: str, classifier_path: str, output: str, overwrite: bool =
             batch_size: int = DEFAULT_BATCH_SIZE, annotations: bool = False) -> ApplyJob:
     """Every check before any work: the tree, the classifier, their match, the output.
 
-    Takes the output's lock; the job holds it until `ApplyJob.finish` or `discard`. What an
+    Claims the output (its lock); the job's `claim` holds it until finished or discarded. What an
     incomplete earlier run left at the output is removed, and with `overwrite` a complete one.
     """
     if batch_size < 1:
@@ -247,17 +234,9 @@ def prepare(tree_path: str, classifier_path: str, output: str, overwrite: bool =
     output = output.rstrip("/")
     if output == tree.path:
         raise ConfigError(f"output: {output} is the tree being classified")
-    try:
-        lock = OutputLock.acquire(output)
-    except LockedError as e:
-        raise ConfigError(str(e)) from None
-    job = ApplyJob(tree, meta, classifier_path, output, batch_size, annotations, lock)
-    try:
-        check_output(output, INFO_NAME, "classification", overwrite, entries=OUTPUT_ENTRIES)
-    except BaseException:
-        lock.release()
-        raise
-    return job
+    claim = OutputClaim.acquire(output, INFO_NAME, "classification", overwrite,
+                                entries=OUTPUT_ENTRIES)
+    return ApplyJob(tree, meta, classifier_path, output, batch_size, annotations, claim)
 
 
 def build(pipeline: beam.Pipeline, job: ApplyJob, release: bool = True) -> beam.PCollection:
@@ -304,9 +283,9 @@ def run(tree_path: str, classifier_path: str, output: str, beam_args: list[str] 
         result = pipeline.run()
         if local:
             result.wait_until_finish()
-            job.finish()
+            job.claim.finish()
     except BaseException:
-        job.discard()
+        job.claim.discard()
         raise
     return result
 

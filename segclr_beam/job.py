@@ -46,7 +46,7 @@ class Job:
     bbox: Box
     model_dir: str         # an exported SavedModel
     model: dict            # its identity record
-    lock: OutputLock | None = None  # the output's, held from prepare to the end of the run
+    claim: "OutputClaim | None" = None  # the output's, held from prepare to the end of the run
 
     @property
     def variants(self) -> dict[str, float | None]:
@@ -63,15 +63,13 @@ class Job:
 
     def finish(self) -> None:
         """Release the output (the run is complete)."""
-        if self.lock is not None:
-            self.lock.release()
+        if self.claim is not None:
+            self.claim.finish()
 
     def discard(self) -> None:
         """Remove everything this run wrote and release the output (the run failed)."""
-        removed = remove_run(self.config.output, keep=self.config.model)
-        if removed:
-            _LOG.warning("removed the incomplete outputs of this run at %s", self.config.output)
-        self.finish()
+        if self.claim is not None:
+            self.claim.discard()
 
     def provenance(self) -> dict[str, Any]:
         return {"em": self.em.spec, "segmentation": self.segmentation.spec,
@@ -131,6 +129,44 @@ def check_output(root: str, marker: str, what: str, overwrite: bool,
     check_writable(root)
 
 
+@dataclasses.dataclass
+class OutputClaim:
+    """An output root one run holds: its lock, and what the run puts there (`entries`, glob
+    patterns, but the entry holding `keep`), removed if the run fails."""
+
+    root: str
+    lock: OutputLock
+    entries: Collection[str] = RUN_ENTRIES
+    keep: str | None = None
+
+    @classmethod
+    def acquire(cls, root: str, marker: str, what: str, overwrite: bool,
+                entries: Collection[str] = RUN_ENTRIES, keep: str | None = None) -> OutputClaim:
+        """Take the lock of `root`, then `check_output` under it; a refusal releases it."""
+        try:
+            lock = OutputLock.acquire(root)
+        except LockedError as e:
+            raise ConfigError(str(e)) from None
+        except Exception as e:  # the filesystem's own error types vary by scheme
+            raise ConfigError(f"output: cannot write to {root}: {e}") from None
+        try:
+            check_output(root, marker, what, overwrite, entries, keep)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(root, lock, tuple(entries), keep)
+
+    def finish(self) -> None:
+        """Release the output (the run is complete, or wrote nothing)."""
+        self.lock.release()
+
+    def discard(self) -> None:
+        """Remove what the run wrote and release the output (the run failed)."""
+        if remove_run(self.root, keep=self.keep, entries=self.entries):
+            _LOG.warning("removed the incomplete outputs of this run at %s", self.root)
+        self.finish()
+
+
 def check_writable(root: str) -> None:
     """Prove `root` is writable by writing and deleting a probe file, before any work."""
     probe = join(root, ".segclr-write-probe")
@@ -179,7 +215,7 @@ def _check_box(config: EmbedConfig, em: Volume, segmentation: Volume) -> Box:
 def prepare(config: EmbedConfig) -> Job:
     """Validate `config` against storage before any work; errors name the field.
 
-    Takes the output's lock (lock.OutputLock): the returned job holds it until
+    Claims the output (`OutputClaim`: its lock): the returned job holds it until
     `Job.finish` or `Job.discard`.
     """
     config.validate()
@@ -188,14 +224,9 @@ def prepare(config: EmbedConfig) -> Job:
     except VolumeError as e:
         raise ConfigError(f"volumes: {e}") from None
     bbox = _check_box(config, em, segmentation)
+    claim = OutputClaim.acquire(config.output, RUN_FILE, "run", config.overwrite,
+                                keep=config.model)
     try:
-        output_lock = OutputLock.acquire(config.output)
-    except LockedError as e:
-        raise ConfigError(str(e)) from None
-    except Exception as e:  # the filesystem's own error types vary by scheme
-        raise ConfigError(f"output: cannot write to {config.output}: {e}") from None
-    try:
-        check_output(config.output, RUN_FILE, "run", config.overwrite, keep=config.model)
         model_dir = _resolve_model(config)
         try:
             identity = inference.check_model(model_dir)
@@ -205,9 +236,9 @@ def prepare(config: EmbedConfig) -> Job:
             raise ConfigError(f"cutout_size: {config.cutout_size}, but the model at {model_dir} "
                               f"takes {identity['architecture']['input_size']}^3 cutouts")
     except BaseException:
-        output_lock.release()
+        claim.finish()
         raise
-    return Job(config, em, segmentation, bbox, model_dir, identity, output_lock)
+    return Job(config, em, segmentation, bbox, model_dir, identity, claim)
 
 
 def skeleton_options(config: EmbedConfig) -> skeleton.SkeletonOptions:

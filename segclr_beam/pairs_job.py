@@ -20,13 +20,17 @@ from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam import pairs, points, skeleton
 from segclr_beam.config import ConfigError, PairsConfig
-from segclr_beam.job import POINTS_FILE, RUN_FILE, check_writable, counters
+from segclr_beam.job import POINTS_FILE, RUN_FILE, OutputClaim, counters
 from segclr_beam.precomputed import SkeletonError, SkeletonSource, from_precomputed, to_precomputed
 from segclr_beam.runner import is_local, pipeline_options
-from segclr_beam.shards import join
+from segclr_beam.shards import TEMP_PREFIX, join
 from segclr_beam.volume import Box, Volume, VolumeError, open_volume, open_volumes
 
 SKELETONS = "skeletons"  # an embedding run's --write-skeletons directory, and this job's
+# What a run puts below its output (glob patterns): removed before a run when an earlier one
+# left them incomplete (or with --overwrite), and after a local run that failed.
+OUTPUT_ENTRIES = (pairs.INFO_NAME, "*.tfrecord-*", SKELETONS, TEMP_PREFIX + "*",
+                  ".segclr-write-probe")
 
 
 @dataclasses.dataclass
@@ -40,6 +44,7 @@ class PairsJob:
     bounds: Box                      # the volumes' common voxels: centres lie inside
     skeletons: SkeletonSource | None  # an earlier run's, with `points_file`
     points_file: str | None
+    claim: OutputClaim               # the output's, held from prepare to the end of the run
 
     def names(self) -> tuple[str, str]:
         """(vol_name, label_volume_name) of the records."""
@@ -59,15 +64,6 @@ class PairsJob:
                 "volumes": {"em": None if self.em is None else self.em.spec,
                             "segmentation": self.segmentation.spec,
                             "bbox": [*self.bbox.start, *self.bbox.stop]}}
-
-
-def _check_output(config: PairsConfig) -> None:
-    """Refuse to mix with a previous table; prove the output directory is writable."""
-    info = join(config.output, pairs.INFO_NAME)
-    if FileSystems.exists(info) and not config.overwrite:
-        raise ConfigError(f"output: {config.output} holds a pair table ({info}); choose "
-                          "another path or pass --overwrite")
-    check_writable(config.output)
 
 
 def _earlier_run(config: PairsConfig) -> tuple[SkeletonSource, str]:
@@ -114,8 +110,11 @@ def prepare(config: PairsConfig) -> PairsJob:
     skeletons = points_file = None
     if config.points_from:
         skeletons, points_file = _earlier_run(config)
-    _check_output(config)
-    return PairsJob(config, segmentation, em, bbox, bounds, skeletons, points_file)
+    # Skeletons there are this job's only if it writes them (they may be an earlier run's).
+    entries = tuple(e for e in OUTPUT_ENTRIES if config.write_skeletons or e != SKELETONS)
+    claim = OutputClaim.acquire(config.output, pairs.INFO_NAME, "pair table",
+                                config.overwrite, entries=entries)
+    return PairsJob(config, segmentation, em, bbox, bounds, skeletons, points_file, claim)
 
 
 class _ReadSkeleton(beam.DoFn):
@@ -140,9 +139,16 @@ def _sampled(element, resolution, spacing_nm: float):
     return segment_id, merged, points.skeleton_points(segment_id, merged, resolution, spacing_nm)
 
 
-def build(pipeline: beam.Pipeline, job: PairsJob) -> beam.PCollection:
-    """Add the job's stages to `pipeline`; returns the info.json path once written."""
+def _release(info: str, skeletons: list, claim: OutputClaim) -> str:
+    claim.finish()
+    return info
+
+
+def build(pipeline: beam.Pipeline, job: PairsJob, release: bool = True) -> beam.PCollection:
+    """Add the job's stages to `pipeline`; returns the info.json path once written. With
+    `release` the last step, after the table and any skeletons, releases the output's lock."""
     config = job.config
+    written = pipeline | "NoSkeletons" >> beam.Create([])
     resolution = job.segmentation.resolution
     if job.points_file:
         segments = (pipeline
@@ -158,16 +164,19 @@ def build(pipeline: beam.Pipeline, job: PairsJob) -> beam.PCollection:
             job.segmentation, job.bbox, options, config.segments)
         segments = merged | "Sample" >> beam.Map(_sampled, resolution, config.spacing_nm)
         if config.write_skeletons:
-            _ = (merged
+            written = (merged
                  | "Precomputed" >> beam.Map(
                      lambda item, r: (item[0], to_precomputed(item[1], r)), resolution)
                  | "WriteSkeletons" >> skeleton.WriteSkeletons(join(config.output, SKELETONS)))
     vol_name, label_volume_name = job.names()
-    return (segments
+    info = (segments
             | "Pairs" >> beam.ParDo(pairs.PairSegments(resolution, config.options()))
             | "Write" >> pairs.WritePairs(config.output, config.num_shards, job.bounds,
                                           resolution, vol_name, label_volume_name,
                                           job.provenance()))
+    if not release:
+        return info
+    return info | "Release" >> beam.Map(_release, beam.pvalue.AsList(written), job.claim)
 
 
 @dataclasses.dataclass
@@ -184,16 +193,23 @@ class PairsSummary:
 
 
 def run(config: PairsConfig, beam_args: list[str] | None = None) -> PairsSummary:
-    """Check, build and run the job. Locally it waits and reports; elsewhere it submits."""
-    job = prepare(config)
+    """Check, build and run the job. Locally it waits and reports, and a local run that fails
+    leaves nothing at the output; elsewhere it submits."""
     options = pipeline_options(beam_args or [])
+    local = is_local(options)
+    job = prepare(config)
     start = time.monotonic()
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline, job)
-    result = pipeline.run()
-    if not is_local(options):
-        return PairsSummary(result, {}, 0.0, config.output, None)
-    result.wait_until_finish()
+    try:
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline, job, release=not local)
+        result = pipeline.run()
+        if not local:
+            return PairsSummary(result, {}, 0.0, config.output, None)
+        result.wait_until_finish()
+    except BaseException:
+        job.claim.discard()
+        raise
+    job.claim.finish()
     with FileSystems.open(join(config.output, pairs.INFO_NAME)) as f:
         info = json.loads(f.read())
     return PairsSummary(result, counters(result), time.monotonic() - start, config.output, info)

@@ -19,6 +19,7 @@ from osteoid import Skeleton
 from segclr_beam import pairs, pairs_job, points, views
 from segclr_beam.config import ConfigError, PairsConfig
 from segclr_beam.job import POINTS_FILE
+from segclr_beam.lock import OutputLock
 from segclr_beam.pairs import PairOptions, candidate_pairs, choose, skeleton_graph
 from segclr_beam.precomputed import SkeletonSource
 from segclr_beam.records import Point
@@ -199,8 +200,12 @@ def test_info_describes_the_table(table, synthetic_dataset):
 
 def test_rerun_is_byte_identical(table, synthetic_dataset, tmp_path):
     out, _ = table
-    pairs_job.run(_config(synthetic_dataset, tmp_path / "again", write_skeletons=True))
-    assert _files(tmp_path / "again") == _files(out)
+    again = tmp_path / "again"
+    (again / ".segclr-temp-killed").mkdir(parents=True)  # what a killed run left
+    (again / ".segclr-temp-killed" / "pairs.tfrecord-00000-of-00002").write_bytes(b"partial")
+    (again / "pairs.tfrecord-00007-of-00008").write_bytes(b"stale")
+    pairs_job.run(_config(synthetic_dataset, again, write_skeletons=True))
+    assert _files(again) == _files(out)
 
 
 def test_points_and_skeletons_of_an_earlier_run(table, synthetic_dataset, tmp_path):
@@ -220,8 +225,12 @@ def test_points_and_skeletons_of_an_earlier_run(table, synthetic_dataset, tmp_pa
 
 def test_refusals_before_work(table, synthetic_dataset, tmp_path):
     out, _ = table
-    with pytest.raises(ConfigError, match="^output: .* holds a pair table"):
+    with pytest.raises(ConfigError, match="^output: .* holds a previous pair table"):
         pairs_job.prepare(_config(synthetic_dataset, out))
+    held = OutputLock.acquire(str(tmp_path / "locked"))
+    with pytest.raises(ConfigError, match=f"run {held.run_id} .* is writing to this output"):
+        pairs_job.prepare(_config(synthetic_dataset, tmp_path / "locked"))
+    held.release()
     with pytest.raises(ConfigError, match="^points_from: .*has no points.avro"):
         pairs_job.prepare(_config(synthetic_dataset, tmp_path / "o", points_from=str(tmp_path)))
     (tmp_path / POINTS_FILE).write_bytes(points.encode_avro([]))
