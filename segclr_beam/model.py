@@ -335,8 +335,16 @@ class ServingNetwork(tf.Module):
 
     @staticmethod
     def pool(x: tf.Tensor) -> tf.Tensor:
-        """Max-pool 3^3 / stride 2 / SAME."""
-        return tf.nn.max_pool3d(x, 3, 2, "SAME")
+        """Max-pool 3^3 / stride 2 / SAME, as a 2-D pool over (y, x) then one over z: the
+        same maxima, and at 64 channels the two 2-D pools take half the time of oneDNN's 3-D
+        pooling; pooling (y, x) first leaves z a quarter of the data."""
+        batch = tf.shape(x)[0]
+        _, depth, height, width, channels = x.shape
+        x = tf.nn.max_pool2d(tf.reshape(x, [-1, height, width, channels]), 3, 2, "SAME")
+        height, width = x.shape[1], x.shape[2]
+        x = tf.reshape(x, [batch, depth, 1, height * width * channels])
+        x = tf.nn.max_pool2d(x, [3, 1], [2, 1], "SAME")
+        return tf.reshape(x, [batch, x.shape[1], height, width, channels])
 
     def __call__(self, cutouts: tf.Tensor) -> tf.Tensor:
         x = self.pool(self.stem(cutouts))
