@@ -3,18 +3,20 @@
 Prints, with the TensorFlow thread pools as given (default: TensorFlow's, all cores):
 - the fp32 matmul rate: tf.linalg.matmul of two square float32 matrices in a tf.function;
 - per layer, for the plain network (the Keras layers, as exports before the serving form
-  ran) and the serving network (what exports run now: stem as space-to-depth, batch norms
-  after linear layers folded): seconds per batch, GFLOP, GFLOP/s. A conv row holds the conv
-  with its bias, ReLU and batch norm; the stem row of the serving network includes folding
-  the uint8 input into 2x2x2 blocks;
+  ran) and the serving network (what exports run now, see ServingNetwork): seconds per
+  batch, GFLOP, GFLOP/s; for the serving network also the GFLOP/s of a plain matmul of the
+  shape each convolution has as a matrix product (M output voxels, K = taps x input
+  channels, N filters). A conv row holds the conv with its bias, ReLU and batch norm; the
+  stem row of the serving network includes the uint8 conversion;
 - the whole network: cutouts/s, GFLOP/s and the fraction of the matmul rate, for the plain
   network and for the exported SavedModel of the serving network; then the stem before/after.
 
-FLOPs are 2 x the multiply-adds of the original network's convolutions and dense layers (the
-zeros the space-to-depth stem multiplies are not counted as work; pooling, biases, batch norms
-and ReLUs are not counted at all). The machine may be shared: every time is the fastest of
---repeat runs, matmul rounds interleaved with the network's, and the load average is printed.
-Ratios within one run are what counts. TensorFlow runs the kernels the package picks (oneDNN,
+FLOPs are 2 x the multiply-adds of the network's convolutions and dense layers (pooling,
+biases, batch norms and ReLUs are not counted); the serving form computes the same ones. The
+machine may be shared: every time is the fastest of --repeat runs, matmul rounds interleaved
+with the network's, and the load average is printed. Ratios within one run are what counts;
+on a loaded machine the whole-network lines also give the ratio per CPU-second (process CPU
+time, which other processes' load does not stretch as it stretches wall time). TensorFlow runs the kernels the package picks (oneDNN,
 see segclr_beam/__init__.py); TF_ENABLE_ONEDNN_OPTS=0 in the environment measures its own.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_model.py [--widths published,demo]
@@ -44,27 +46,35 @@ from segclr_beam.model import Architecture
 
 WIDTHS = {"published": Architecture().widths, "demo": (16, 32, 64, 128)}
 MATMUL_SIZE = 2048
+GEMM_ROWS = 32768  # rows of the same-shape matmuls
 TARGETS = {"published": 0.75, "demo": 0.5}
 
 
-def best_seconds(fn: Callable[[], object], repeat: int) -> float:
-    """Fastest of `repeat` calls, after one warm-up call (tracing, allocation)."""
+def best_times(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Fastest wall time and fastest process CPU time of `repeat` calls, after one warm-up
+    call (tracing, allocation)."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
         gc.collect()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
 
 
-def matmul_rate(repeat: int) -> float:
-    """GFLOP/s of a float32 [n, n] x [n, n] matmul."""
+def best_seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Fastest wall time of `repeat` calls, after a warm-up call."""
+    return best_times(fn, repeat)[0]
+
+
+def matmul_rate(repeat: int) -> tuple[float, float]:
+    """GFLOP per second and per CPU-second of a float32 [n, n] x [n, n] matmul."""
     a, b = (tf.random.stateless_normal([MATMUL_SIZE] * 2, seed=[i, 0]) for i in range(2))
     matmul = tf.function(tf.linalg.matmul)
-    seconds = best_seconds(lambda: matmul(a, b).numpy()[0, 0], repeat)
-    return 2 * MATMUL_SIZE**3 / seconds / 1e9
+    flop = 2 * MATMUL_SIZE**3 / 1e9
+    return tuple(flop / t for t in best_times(lambda: matmul(a, b).numpy()[0, 0], repeat))
 
 
 def cutouts(batch: int, size: int) -> np.ndarray:
@@ -80,33 +90,63 @@ class Row:
     name: str
     flop: float  # per cutout, of the original network
     seconds: float = 0.0  # per batch
+    gemm: tuple[int, int, int] | None = None  # the conv as a matmul: M per cutout, K, N
+    gemm_rate: float | None = None  # GFLOP/s of a matmul of that shape
 
 
 def _out(size: int, stride: int) -> int:
     return -(-size // stride)
 
 
-def layer_flops(arch: Architecture) -> dict[str, float]:
-    """FLOPs per cutout of every row of the tables, in network order (0 for uncounted)."""
+def layer_gemms(arch: Architecture) -> dict[str, list[tuple[int, int, int]]]:
+    """The matmuls (M per cutout, K, N) of every row of the tables, in network order: a
+    convolution is one with K = taps x input channels; pooling and adds have none."""
     base = "base_model_0/resnet18"
     size = _out(arch.input_size, 2)
-    rows = {f"{base}/stage_1/conv1": 2.0 * size**3 * 7**3 * arch.widths[0],
-            f"{base}/stage_1/pool": 0.0}
+    rows = {f"{base}/stage_1/conv1": [(size**3, 7**3, arch.widths[0])],
+            f"{base}/stage_1/pool": []}
     size, cin = _out(size, 2), arch.widths[0]
     for stage, width in enumerate(arch.widths, start=2):
         for block in "ab":
             scope = f"{base}/stage_{stage}/block_{block}"
             stride = 2 if block == "a" and stage > 2 else 1
             out = _out(size, stride)
-            rows[f"{scope}/conv_0"] = 2.0 * out**3 * 27 * cin * width
-            rows[f"{scope}/conv_1"] = 2.0 * out**3 * 27 * width * width
+            rows[f"{scope}/conv_0"] = [(out**3, 27 * cin, width)]
+            rows[f"{scope}/conv_1"] = [(out**3, 27 * width, width)]
             if block == "a":
-                rows[f"{scope}/shortcut"] = 2.0 * out**3 * cin * width
-            rows[f"{scope}/add"] = 0.0
+                rows[f"{scope}/shortcut"] = [(out**3, cin, width)]
+            rows[f"{scope}/add"] = []
             size, cin = out, width
-    rows[segclr_model.BOTTLENECK] = 2.0 * (cin * arch.bottleneck_width + arch.bottleneck_width**2
-                                           + arch.bottleneck_width * arch.embedding_dim)
+    head = (cin, arch.bottleneck_width, arch.bottleneck_width, arch.embedding_dim)
+    rows[segclr_model.BOTTLENECK] = [(1, k, n) for k, n in zip(head[:-1], head[1:])]
     return rows
+
+
+def layer_flops(arch: Architecture) -> dict[str, float]:
+    """FLOPs per cutout of every row of the tables, in network order (0 for uncounted)."""
+    return {name: sum(2.0 * m * k * n for m, k, n in gemms)
+            for name, gemms in layer_gemms(arch).items()}
+
+
+def gemm_rates(rows: list[Row], batch: int, repeat: int) -> None:
+    """Set each conv row's gemm_rate: a float32 matmul of its (M, K) x (K, N), M capped.
+
+    What oneDNN's matmul reaches on the shape of the work, narrow N (few filters) and short
+    K (few input channels) included: the reference the convolution is held against.
+    """
+    rates: dict[tuple[int, int, int], float] = {}
+    for row in rows:
+        if row.gemm is None:
+            continue
+        m, k, n = row.gemm
+        m = min(m * batch, GEMM_ROWS)
+        if (m, k, n) not in rates:
+            a = tf.random.stateless_normal([m, k], seed=[1, 0])
+            b = tf.random.stateless_normal([k, n], seed=[2, 0])
+            matmul = tf.function(tf.linalg.matmul)
+            seconds = best_seconds(lambda: matmul(a, b).numpy()[0, 0], repeat)
+            rates[m, k, n] = 2.0 * m * k * n / seconds / 1e9
+        row.gemm_rate = rates[m, k, n]
 
 
 def _row_of_layer(layer_name: str) -> str:
@@ -146,7 +186,9 @@ def plain_rows(network: tf.keras.Model, arch: Architecture, batch: np.ndarray,
 def serving_rows(network: segclr_model.ServingNetwork, arch: Architecture,
                  batch: np.ndarray, repeat: int) -> list[Row]:
     """Each unit of the serving network timed on its own input."""
-    rows = {name: Row(name, flop) for name, flop in layer_flops(arch).items()}
+    rows = {name: Row(name, sum(2.0 * m * k * n for m, k, n in gemms),
+                      gemm=gemms[0] if len(gemms) == 1 else None)
+            for name, gemms in layer_gemms(arch).items()}
     base = "base_model_0/resnet18/stage_1"
 
     def timed(name: str, fn, *inputs):
@@ -168,12 +210,15 @@ def serving_rows(network: segclr_model.ServingNetwork, arch: Architecture,
 
 
 def print_table(title: str, rows: list[Row], batch: int) -> None:
-    print(f"\n  {title}: seconds per batch of {batch}, GFLOP per batch, GFLOP/s")
+    print(f"\n  {title}: seconds per batch of {batch}, GFLOP per batch, GFLOP/s"
+          + ("; the same-shape matmul's GFLOP/s [K x N]" if rows[0].gemm_rate else ""))
     for row in rows:
         flop = row.flop * batch / 1e9
         rate = f"{flop / row.seconds:8.1f}" if row.flop else "       -"
+        gemm = (f"  {row.gemm_rate:6.1f} [{row.gemm[1]} x {row.gemm[2]}]" if row.gemm_rate
+                else "")
         print(f"    {row.name.removeprefix('base_model_0/resnet18/'):<28} {row.seconds:8.4f} "
-              f"{flop:8.2f} {rate}")
+              f"{flop:8.2f} {rate}{gemm}")
     total = sum(r.seconds for r in rows)
     flop = sum(r.flop for r in rows) * batch / 1e9
     print(f"    {'sum of rows':<28} {total:8.4f} {flop:8.2f} {flop / total:8.1f}")
@@ -195,7 +240,8 @@ def main() -> None:
           f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}; "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
     rates = [matmul_rate(args.repeat)]
-    print(f"fp32 matmul {MATMUL_SIZE}^2: {rates[0]:.1f} GFLOP/s")
+    print(f"fp32 matmul {MATMUL_SIZE}^2: {rates[0][0]:.1f} GFLOP/s, "
+          f"{rates[0][1]:.1f} GFLOP per CPU-second")
     batch = cutouts(args.batch_size, args.input_size)
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,6 +256,7 @@ def main() -> None:
             plain = plain_rows(network, arch, batch, args.repeat)
             serving = serving_rows(segclr_model.ServingNetwork(network, arch), arch, batch,
                                    args.repeat)
+            gemm_rates(serving, args.batch_size, args.repeat)
             print_table("plain network, per layer", plain, args.batch_size)
             print_table("serving network, per layer", serving, args.batch_size)
 
@@ -220,27 +267,32 @@ def main() -> None:
                 model_dir = str(Path(tmp) / name)
                 segclr_model.export_saved_model(model_dir, arch, seed=0)
             exported = EmbeddingModel(model_dir, args.batch_size)
-            whole = {"plain network": best_seconds(lambda: keras_call(batch).numpy(),
-                                                   args.repeat),
-                     "exported SavedModel": best_seconds(lambda: exported.embed(batch),
-                                                         args.repeat)}
+            whole = {"plain network": best_times(lambda: keras_call(batch).numpy(),
+                                                 args.repeat),
+                     "exported SavedModel": best_times(lambda: exported.embed(batch),
+                                                       args.repeat)}
             rates.append(matmul_rate(args.repeat))
-            matmul = max(rates)
-            print(f"\n  whole network (matmul {matmul:.1f} GFLOP/s, best of the run so far; "
-                  f"load average {os.getloadavg()[0]:.2f}):")
-            for what, seconds in whole.items():
+            matmul, matmul_cpu = (max(r[i] for r in rates) for i in range(2))
+            print(f"\n  whole network (matmul {matmul:.1f} GFLOP/s, {matmul_cpu:.1f} per "
+                  f"CPU-second, best of the run so far; load average {os.getloadavg()[0]:.2f}):")
+            for what, (seconds, cpu) in whole.items():
                 gflops = flop * args.batch_size / seconds / 1e9
+                per_cpu = flop * args.batch_size / cpu / 1e9
                 print(f"    {what:<20} {args.batch_size / seconds:7.3f} cutouts/s "
-                      f"{gflops:7.1f} GFLOP/s  {gflops / matmul:.3f} of matmul")
+                      f"{gflops:7.1f} GFLOP/s  {gflops / matmul:.3f} of matmul; "
+                      f"per CPU-second {per_cpu:7.1f}, {per_cpu / matmul_cpu:.3f}")
             stem = [rows[0] for rows in (plain, serving)]
             print(f"  stem before/after: {stem[0].seconds:.4f} s -> {stem[1].seconds:.4f} s per "
                   f"batch, {stem[0].seconds / stem[1].seconds:.2f}x")
-            summary.append((name, flop * args.batch_size / whole["exported SavedModel"] / 1e9))
+            summary.append((name, *(flop * args.batch_size / t / 1e9
+                                    for t in whole["exported SavedModel"])))
             del network, exported, keras_call
-    matmul = max(rates)
-    print(f"\nexported SavedModel / fp32 matmul ({matmul:.1f} GFLOP/s):")
-    for name, gflops in summary:
-        print(f"  {name:<10} {gflops / matmul:.3f}  (target {TARGETS[name]})")
+    matmul, matmul_cpu = (max(r[i] for r in rates) for i in range(2))
+    print(f"\nexported SavedModel / fp32 matmul ({matmul:.1f} GFLOP/s; per CPU-second "
+          f"{matmul_cpu:.1f}):")
+    for name, gflops, per_cpu in summary:
+        print(f"  {name:<10} {gflops / matmul:.3f}  (target {TARGETS[name]}); per CPU-second "
+              f"{per_cpu / matmul_cpu:.3f}")
 
 
 if __name__ == "__main__":
