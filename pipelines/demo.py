@@ -348,7 +348,8 @@ def _classify(dataset: synth.Dataset, run: str, beam_args: list[str]) -> None:
           f"majority class right for {right:.2f} (two thirds were trained on): {applied}\n"
           f"again: {command} classify report --train {run} --labels "
           f"{os.path.join(dataset.root, synth.CLASSES_FILE)} --holdout-classes "
-          f"{','.join(synth.CLASSES)}")
+          f"{','.join(synth.CLASSES)} --hidden {config.hidden} --random-features "
+          f"{config.random_features} --patience {config.patience}")
     for path in pictures:
         print(f"picture        {path}")
     print(f"classifiers    {time.monotonic() - start:.0f} s")
