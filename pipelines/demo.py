@@ -302,10 +302,12 @@ def _picture(path: str, dataset: synth.Dataset, sample, embeddings: np.ndarray,
 
 
 def _classify(dataset: synth.Dataset, run: str, beam_args: list[str]) -> None:
-    """Classifiers on the trained network's 25 um means (`classify report`): cell classes and
-    compartments, trained on two thirds of the segments and tested on the rest, plain and
-    SNGP, glia held out for the out-of-distribution AUROC; the SNGP cell-class classifier
-    applied to the whole tree (`classify apply`); the report's pictures."""
+    """Classifiers on the trained network's embeddings (`classify report`), raw, 10 um and
+    25 um means side by side: cell classes and compartments, trained on two thirds of the
+    segments and tested on the rest, plain and SNGP; for the cell classes also the
+    out-of-distribution AUROC with each class held out of training in turn. The SNGP
+    cell-class classifier of the 25 um means is applied to the whole tree
+    (`classify apply`); the report's pictures."""
     from segclr_beam import apply, classify, report
     from segclr_beam.labels import Labels, compartment_labels
     from segclr_beam.volume import open_volume
@@ -318,10 +320,12 @@ def _classify(dataset: synth.Dataset, run: str, beam_args: list[str]) -> None:
     compartments = compartment_labels(
         open_volume(dataset.compartments, "compartments", synth.RESOLUTION),
         os.path.join(run, "raw"))
+    variants = ["raw", "agg10um", "agg25um"]
     keep = {}
-    rows = report.evaluate(run, None, {"class": (classes, classes),
-                                       "compartment": (compartments, compartments)},
-                           ["agg25um"], config, holdout=("glia",), keep=keep)
+    rows = report.evaluate(run, None, {"class": (classes, classes)}, variants, config,
+                           holdout=synth.CLASSES, keep=keep)
+    rows += report.evaluate(run, None, {"compartment": (compartments, compartments)},
+                            variants, config)
     directory = os.path.join(run, "classify")
     pictures = report.pictures(directory, keep["embeddings"], keep["labels"],
                                keep["predicted"], keep["uncertainty"], keep["classes"],
@@ -336,12 +340,16 @@ def _classify(dataset: synth.Dataset, run: str, beam_args: list[str]) -> None:
     summary = apply.read_segment_summary(applied)
     right = np.mean([summary[s][1] == dataset.classes[s] for s in summary])
     command = os.path.join(os.path.dirname(sys.executable), "segclr-beam")
-    print(f"\nclassifiers on the 25 um means, plain vs SNGP (tested on a third of the "
-          f"segments, held out; OOD AUROC: trained without glia)\n{report.format_rows(rows)}"
+    print(f"\nclassifiers on the raw embeddings and the 10 and 25 um means, plain vs SNGP "
+          f"(tested on a third of the segments, held out; OOD AUROC: the mean over the cell "
+          f"classes, each left out of training in turn)\n{report.format_rows(rows)}"
+          f"\nOOD AUROC by held-out class\n{report.format_ood(rows)}"
           f"\nclassify apply of the SNGP cell-class classifier: {len(summary)} segments, "
           f"majority class right for {right:.2f} (two thirds were trained on): {applied}\n"
-          f"every variant: {command} classify report --train {run} --labels "
-          f"{os.path.join(dataset.root, synth.CLASSES_FILE)} --holdout-classes glia")
+          f"again: {command} classify report --train {run} --labels "
+          f"{os.path.join(dataset.root, synth.CLASSES_FILE)} --holdout-classes "
+          f"{','.join(synth.CLASSES)} --hidden {config.hidden} --random-features "
+          f"{config.random_features} --patience {config.patience}")
     for path in pictures:
         print(f"picture        {path}")
     print(f"classifiers    {time.monotonic() - start:.0f} s")

@@ -156,18 +156,17 @@ def random_feature_gp(classes: int, features: int, lengthscale: float, l2: float
 
         def call(self, h):
             phi = self.features(h)
-            logits = ops.matmul(phi, self.beta) + self.bias
-            variance = ops.sum(ops.matmul(phi, self.covariance) * phi, axis=-1)
-            return logits, variance
+            return ops.matmul(phi, self.beta) + self.bias, phi
 
     return RandomFeatureGP(name=name)
 
 
 def build_model(dim: int, classes: int, config: ClassifierConfig):
-    """embeddings [B, dim] (standardised) -> (logits [B, K], variance [B]); variance is 0
-    without SNGP."""
+    """embeddings [B, dim] (standardised) -> (logits [B, K], features [B, M]): the GP's
+    random features with SNGP (the posterior variance is `phi Sigma phi^T`, see
+    `Classifier.outputs`), the logits' input without."""
     keras = _keras()
-    layers, ops = keras.layers, keras.ops
+    layers = keras.layers
     c, seed = config, config.seed
 
     def dense(units, name, k):
@@ -186,14 +185,19 @@ def build_model(dim: int, classes: int, config: ClassifierConfig):
                 layers.ReLU(name=f"block{k}_relu")(h))])
         h = layers.ReLU(name="output_relu")(h)
     if c.sngp:
-        logits, variance = random_feature_gp(classes, c.random_features, c.gp_lengthscale,
+        logits, features = random_feature_gp(classes, c.random_features, c.gp_lengthscale,
                                              c.l2, seed + 1000)(h)
     else:
         logits = layers.Dense(classes, name="logits",
                               kernel_initializer=keras.initializers.GlorotUniform(seed + 1000),
                               kernel_regularizer=keras.regularizers.L2(c.l2) if c.l2 else None)(h)
-        variance = layers.Lambda(lambda x: ops.zeros_like(x[:, 0]), name="variance")(logits)
-    return keras.Model(inputs, [logits, variance], name="classifier")
+        features = h
+    return keras.Model(inputs, [logits, features], name="classifier")
+
+
+def _gp_layer(model):
+    """The GP output layer of an SNGP model, None without one."""
+    return next((layer for layer in model.layers if hasattr(layer, "covariance")), None)
 
 
 # Uncertainty ---------------------------------------------------------------------------------
@@ -253,20 +257,42 @@ class Classifier:
     input: dict       # variant, aggregation_radius_nm and model of the trees it was trained on
     metrics: dict
     model: Any        # the Keras model
+    _forward: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _covariance: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def outputs(self, embeddings: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray,
                                                                               np.ndarray]:
-        """Raw (logits float32 [N, K], variance float32 [N]) in batches of `batch_size` rows."""
-        numpy = _keras().ops.convert_to_numpy
+        """Raw (logits float32 [N, K], GP posterior variance float32 [N], 0 without SNGP),
+        in batches of `batch_size` rows.
+
+        The network runs as one compiled function per batch; the variance, a product with
+        the M x M covariance per row (most of SNGP's arithmetic), is a float32 matrix
+        product by numpy's BLAS, which is faster at it than TensorFlow's CPU kernels."""
         x = ((np.asarray(embeddings, np.float64) - self.mean) / self.std).astype(np.float32)
-        logits, variance = [], []
+        forward, covariance = self._compiled()
+        logits = np.empty((len(x), len(self.classes)), np.float32)
+        variance = np.zeros(len(x), np.float32)
         for a in range(0, len(x), batch_size):
-            out = self.model(x[a:a + batch_size], training=False)
-            logits.append(numpy(out[0]))
-            variance.append(numpy(out[1]))
-        if not logits:
-            return np.empty((0, len(self.classes)), np.float32), np.empty(0, np.float32)
-        return np.concatenate(logits), np.concatenate(variance)
+            out = forward(x[a:a + batch_size])
+            logits[a:a + batch_size] = out[0].numpy()
+            if covariance is not None:
+                phi = out[1].numpy()
+                variance[a:a + batch_size] = np.einsum("ij,ij->i", phi @ covariance, phi)
+        return logits, variance
+
+    def _compiled(self):
+        """(the model as a compiled function of a batch, the GP covariance or None), made
+        on first use."""
+        if self._forward is None:
+            import tensorflow as tf
+
+            spec = tf.TensorSpec([None, len(self.mean)], tf.float32)
+            self._forward = tf.function(lambda x: self.model(x, training=False),
+                                        input_signature=[spec])
+            gp = _gp_layer(self.model)
+            self._covariance = None if gp is None else \
+                _keras().ops.convert_to_numpy(gp.covariance)
+        return self._forward, self._covariance
 
     def predict(self, embeddings: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray,
                                                                                np.ndarray]:
@@ -390,17 +416,14 @@ def _fit(model, train_set: tuple, validation_set: tuple, config: ClassifierConfi
 def fit_posterior(model, x: np.ndarray, ridge: float, batch_size: int = 1024) -> None:
     """Set the GP layer's covariance from the (standardised) training inputs, in float64;
     a no-op without a GP layer."""
-    keras = _keras()
-    gp = next((layer for layer in model.layers if hasattr(layer, "covariance")), None)
+    gp = _gp_layer(model)
     if gp is None:
         return
-    hidden = keras.Model(model.input, gp.input)
-    precision = None
+    precision = ridge * np.eye(gp.covariance.shape[0])
     for a in range(0, len(x), batch_size):
-        phi = keras.ops.convert_to_numpy(gp.features(hidden(x[a:a + batch_size],
-                                                            training=False))).astype(np.float64)
-        precision = phi.T @ phi if precision is None else precision + phi.T @ phi
-    precision += ridge * np.eye(len(precision))
+        phi = _keras().ops.convert_to_numpy(model(x[a:a + batch_size], training=False)[1])
+        phi = phi.astype(np.float64)
+        precision += phi.T @ phi
     gp.covariance.assign((ridge * np.linalg.inv(precision)).astype(np.float32))
 
 

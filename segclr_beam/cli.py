@@ -268,6 +268,8 @@ def _classify_report(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as e:
         raise SystemExit(f"segclr-beam classify report: {e}") from None
     print(report.format_rows(rows))
+    if args.holdout_classes:
+        print(report.format_ood(rows))
     if args.pictures:
         for path in report.pictures(args.pictures, keep["embeddings"], keep["labels"],
                                     keep["predicted"], keep["uncertainty"], keep["classes"],
@@ -334,8 +336,9 @@ def _add_classify(commands) -> None:
     p.add_argument("--variants", type=names, default=None,
                    help="trees below each root (default: every tree, raw first)")
     p.add_argument("--holdout-classes", type=names, default=None,
-                   help="train without these classes too and report the AUROC of the "
-                        "uncertainty for their nodes")
+                   help="leave each of these classes out of one more training per head "
+                        "and variant and report the AUROC of the uncertainty for its nodes "
+                        "(the table gives their mean)")
     p.add_argument("--pictures", default=None,
                    help="write umap.png and confusion.png here (SNGP, first task, last "
                         "variant)")

@@ -222,13 +222,15 @@ def test_commands_train_apply_and_report_with_pictures(run, tmp_path, synthetic_
     cli.main(["classify", "report", "--train", str(run),
               "--compartments", synthetic_dataset.compartments,
               "--compartments-resolution", "32,32,33", "--variants", "agg10um",
-              "--pictures", str(tmp_path / "pictures"), *small])
+              "--holdout-classes", "glia", "--pictures", str(tmp_path / "pictures"), *small])
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:2] == ["task", "head"] and "agg10um" in table[0]
     assert [line.split()[:2] for line in table[1:3]] == [["compartment", "plain"],
                                                          ["compartment", "sngp"]]
     values = [float(v) for line in table[1:3] for v in line.split()[2:]]
-    assert len(values) == 4 and all(0 <= v <= 1 for v in values)
+    assert len(values) == 6 and all(0 <= v <= 1 for v in values)
+    assert [line.split()[:4] for line in table[3:5]] == [
+        ["compartment", head, "agg10um", "glia"] for head in ("plain", "sngp")]
     for name in ("umap.png", "confusion.png"):
         assert (tmp_path / "pictures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="classify apply: .*variant"):

@@ -102,6 +102,23 @@ def test_gp_variance_is_larger_far_from_the_data(trained):
     assert not plain.any()
 
 
+def test_outputs_are_the_network_and_the_posterior_variance_in_any_batches(trained):
+    """The compiled forward pass and numpy's variance against the Keras model run eagerly
+    on all rows at once and phi Sigma phi^T in float64: equal up to float32 rounding (other
+    kernels and batch sizes sum in other orders), not bit-exact."""
+    heads, (x, _, _) = trained
+    model = heads[True]
+    logits, variance = model.outputs(x, batch_size=7)
+    xs = ((x - model.mean) / model.std).astype(np.float32)
+    numpy = classify._keras().ops.convert_to_numpy
+    eager, phi = (numpy(v).astype(np.float64) for v in model.model(xs, training=False))
+    gp = next(layer for layer in model.model.layers if hasattr(layer, "covariance"))
+    reference = np.einsum("ij,jk,ik->i", phi, numpy(gp.covariance).astype(np.float64), phi)
+    np.testing.assert_allclose(logits, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(variance, reference, rtol=1e-4, atol=1e-7)
+    assert np.array_equal(model.outputs(x, batch_size=7)[1], variance)  # reruns: bit-exact
+
+
 def test_sngp_detects_out_of_distribution_nodes_and_the_plain_head_does_not(trained):
     heads, (x, y, _) = trained
     ood = np.isin(y, ["c", "d"])

@@ -26,3 +26,16 @@ def test_table_puts_variants_side_by_side():
                                 "acc"]
     assert lines[1].split() == ["class", "plain", "0.500", "0.250", "0.700", "0.250"]
     assert lines[2].split() == ["class", "sngp", "0.600", "0.250", "0.800", "0.250"]
+
+
+def test_ood_column_is_the_mean_over_held_out_classes():
+    rows = [report.Row("class", "raw", "plain", 0.5, 0.5, 0.5, {"a": 0.25, "b": 0.75}),
+            report.Row("class", "raw", "sngp", 0.5, 0.5, 0.875, {"a": 1.0, "b": 0.75}),
+            report.Row("compartment", "raw", "plain", 0.5, 0.5, None),
+            report.Row("compartment", "raw", "sngp", 0.5, 0.5, None)]
+    lines = report.format_rows(rows).splitlines()
+    assert lines[0].split()[-3:] == ["raw", "OOD", "AUROC"]
+    assert [line.split()[-1] for line in lines[1:]] == ["0.500", "0.875", "-", "-"]
+    assert report.format_ood(rows).splitlines() == [
+        "class         plain  raw       a 0.250  b 0.750",
+        "class         sngp   raw       a 1.000  b 0.750"]
