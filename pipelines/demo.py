@@ -55,11 +55,25 @@ class DemoSize:
         """Names the pair table, training run and models of this size under --data (a cache
         made with other widths, cutouts or training budget is not reused)."""
         return (f"{self.name}-{'-'.join(map(str, self.widths))}-{self.cutout_size}"
-                f"-{self.steps}x{self.batch_size}")
+                f"at{self.downsampling}x-{self.steps}x{self.batch_size}")
 
     @property
     def resolution(self) -> tuple[float, float, float]:
         return tuple(r * self.downsampling for r in synth.RESOLUTION)
+
+    @property
+    def chunk_size(self) -> int:
+        """Skeletonization chunks of 256 synthetic voxels (8 um): four tasks for the default
+        volume at every resolution, work for every local worker; the chunk size is part of a
+        run's configuration (it shapes skeletons)."""
+        return CHUNK_VOXELS // self.downsampling
+
+    @property
+    def min_voxels(self) -> int:
+        """The synthetic dataset's smallest segment counted at the demo resolution, so that
+        downsampling drops no segment from skeletonization (thin axons hold a few hundred
+        voxels at 4x)."""
+        return max(1, synth.MIN_SEGMENT_VOXELS // self.downsampling ** 3)
 
     def architecture(self):
         from segclr_beam.model import Architecture
@@ -70,10 +84,11 @@ class DemoSize:
 
 # A CPU affords a thousand or so training steps of 16 pairs in minutes only on a small
 # network with small cutouts. The demo network has an eighth of the published widths and
-# 33^3 cutouts at twice the synthetic voxel size, 2 um across: windows that show a piece of a
-# cell's shape, not only its texture, at about 1/1000 of the published arithmetic. Its loss
-# stays at random weights' level for the first few hundred steps and falls after.
-DEMO = DemoSize("demo", downsampling=2, widths=(8, 16, 32, 64), cutout_size=33,
+# 33^3 cutouts at four times the synthetic voxel size: windows 4.2 um across, the published
+# field of view, at 1/3800 of the published arithmetic. Supervised on the four classes, this
+# network reads them from such windows better than from 2.1 um ones (at 2x): per node 0.73
+# against 0.63 balanced accuracy on the evaluation volume after 800 steps of 32 cutouts.
+DEMO = DemoSize("demo", downsampling=4, widths=(8, 16, 32, 64), cutout_size=33,
                 bottleneck_width=64, steps=1500, batch_size=16, learning_rate=1e-3,
                 warmup_steps=30, min_distance_nm=500.0, max_distance_nm=2500.0)
 # The published network: 129^3 cutouts at the synthetic resolution (4 um across); for a GPU.
@@ -85,9 +100,7 @@ TRAINING_SEED, EVALUATION_SEED = 0, 1
 # glia cell and a sample of the ~180 dendrites and ~600 axons, so that every class has
 # segments enough for folds by segment and the two embedding runs take a minute or two.
 SAMPLE = {"axon": 30, "dendrite": 30, "soma": 6, "glia": 12}
-# Chunks of 128 voxels split the default volume into 18 skeletonization tasks, work for
-# every local worker; the chunk size is part of a run's configuration (it shapes skeletons).
-CHUNK_SIZE = 128
+CHUNK_VOXELS = 256
 CLASS_COLOURS = {"axon": "tab:blue", "dendrite": "tab:green", "soma": "tab:red",
                  "glia": "tab:purple"}
 
@@ -152,7 +165,8 @@ def _trained_checkpoint(data: str, dataset: synth.Dataset, size: DemoSize,
         start = time.monotonic()
         summary = pairs_job.run(PairsConfig(
             segmentation=dataset.segmentation, em=dataset.em, output=table,
-            resolution=size.resolution, chunk_size=CHUNK_SIZE,
+            resolution=size.resolution, chunk_size=size.chunk_size,
+            min_voxels=size.min_voxels,
             min_distance_nm=size.min_distance_nm, max_distance_nm=size.max_distance_nm,
             num_shards=4, overwrite=True).validate(), beam_args)
         print(f"  {summary.info['pairs']} pairs of {summary.info['segments']} segments in "
@@ -209,7 +223,8 @@ def _embed(dataset: synth.Dataset, size: DemoSize, models: dict[str, str], out: 
         config = EmbedConfig(
             em=dataset.em, segmentation=dataset.segmentation, model=model_dir,
             output=os.path.join(out, name), resolution=size.resolution,
-            cutout_size=size.cutout_size, chunk_size=CHUNK_SIZE, num_shards=64, overwrite=True,
+            cutout_size=size.cutout_size, chunk_size=size.chunk_size,
+            min_voxels=size.min_voxels, num_shards=64, overwrite=True,
             write_skeletons=first, segments=tuple(segment_ids) if first else None,
             points=None if first else os.path.join(out, next(iter(models)), POINTS_FILE))
         print(f"embedding {len(segment_ids)} segments of the evaluation volume with the "
