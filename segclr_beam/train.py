@@ -12,7 +12,8 @@ A run writes into one directory:
 
     OUT/config.json      the run's configuration; a rerun must match it (it resumes)
     OUT/state/           the training state every --checkpoint-every steps, for resuming
-    OUT/logs/            TensorBoard scalars: loss, learning rate, examples per second
+    OUT/logs/            TensorBoard scalars: loss, partner accuracy, learning rate,
+                         examples per second
     OUT/model.ckpt-N.*   the trained weights under the published TF1 variable names
     OUT/training.json    the record of the run, written last: it marks a finished run
 
@@ -131,12 +132,16 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- loss
 
 
-def nt_xent(projections: tf.Tensor, temperature: float, global_batch: int) -> tf.Tensor:
-    """NT-Xent of this replica's views, scaled so that the replicas' sum is the batch mean.
+def nt_xent(projections: tf.Tensor, temperature: float,
+            global_batch: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """NT-Xent and partner accuracy of this replica's views, each scaled so that the
+    replicas' sum is the batch mean.
 
     `projections` [2b, d] holds the replica's first views, then its second views. Every view
     is scored against all 2 * `global_batch` views of all replicas (gathered), its own
-    excluded; the target is its partner.
+    excluded; the target is its partner. The partner accuracy is the fraction of views whose
+    most similar other view is their partner (chance: 1 / (2 * global_batch - 1)); it tells
+    learning apart from a loss that only falls to that of uniform similarities.
     """
     z = tf.math.l2_normalize(projections, axis=1)
     b = tf.shape(z)[0] // 2
@@ -150,7 +155,14 @@ def nt_xent(projections: tf.Tensor, temperature: float, global_batch: int) -> tf
     partner = tf.concat([rows + global_batch, rows], axis=0)
     logits -= 1e9 * tf.one_hot(own, 2 * global_batch)
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(partner, logits)
-    return tf.reduce_sum(losses) / tf.cast(2 * global_batch, tf.float32)
+    found = tf.cast(tf.argmax(logits, axis=1, output_type=partner.dtype) == partner, tf.float32)
+    scale = tf.cast(2 * global_batch, tf.float32)
+    return tf.reduce_sum(losses) / scale, tf.reduce_sum(found) / scale
+
+
+def uniform_loss(batch_size: int) -> float:
+    """NT-Xent when every view is equally similar to all others: ln(2 * batch_size - 1)."""
+    return float(np.log(2 * batch_size - 1))
 
 
 def apply_gray(views: tf.Tensor, gray: tf.Tensor) -> tf.Tensor:
@@ -247,12 +259,14 @@ class Trainer:
             self.variables = self.network.trainable_variables + self.head.trainable_variables
             self.optimizer.build(self.variables)
             self.last_loss = tf.Variable(np.nan, dtype=tf.float32, trainable=False)
+            self.last_accuracy = tf.Variable(np.nan, dtype=tf.float32, trainable=False)
         for layer in self.network.layers + self.head.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = BN_MOMENTUM
                 layer.synchronized = replicas > 1  # statistics of the global batch
         self.checkpoint = tf.train.Checkpoint(network=self.network, head=self.head,
-                                              optimizer=self.optimizer, last_loss=self.last_loss)
+                                              optimizer=self.optimizer, last_loss=self.last_loss,
+                                              last_accuracy=self.last_accuracy)
 
     @property
     def step(self) -> int:
@@ -271,19 +285,22 @@ class Trainer:
         x = tf.concat([x[:, 0], x[:, 1]], axis=0)[..., tf.newaxis]
         with tf.GradientTape() as tape:
             projections = self.head(self.network(x, training=True), training=True)
-            loss = nt_xent(projections, self.config.temperature, self.config.batch_size)
-        return loss, tape.gradient(loss, self.variables)
+            loss, accuracy = nt_xent(projections, self.config.temperature,
+                                     self.config.batch_size)
+        return loss, accuracy, tape.gradient(loss, self.variables)
 
-    def _replica_step(self, views: tf.Tensor, gray: tf.Tensor) -> tf.Tensor:
-        loss, gradients = self._replica_gradients(views, gray)
+    def _replica_step(self, views: tf.Tensor, gray: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        loss, accuracy, gradients = self._replica_gradients(views, gray)
         self.optimizer.apply_gradients(zip(gradients, self.variables))  # summed over replicas
-        return loss
+        return loss, accuracy
 
     @tf.function
     def _step(self, views, gray) -> tf.Tensor:
-        losses = self.strategy.run(self._replica_step, args=(views, gray))
-        loss = self.strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+        results = self.strategy.run(self._replica_step, args=(views, gray))
+        loss, accuracy = (self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                          for v in results)
         self.last_loss.assign(loss)
+        self.last_accuracy.assign(accuracy)
         return loss
 
     @tf.function
@@ -304,12 +321,13 @@ class Trainer:
             lambda context, array=array: rows(array, context)) for array in (batch.views, batch.gray))
 
     def train_step(self, batch: ViewBatch) -> float:
-        """One optimisation step on a batch (split over the devices); its NT-Xent loss."""
+        """One optimisation step on a batch (split over the devices); its NT-Xent loss (its
+        partner accuracy is then `last_accuracy`)."""
         return float(self._step(*self._distribute(batch)))
 
     def gradients(self, batch: ViewBatch) -> tuple[float, list[np.ndarray]]:
         """The loss of a batch and its gradient as the optimizer receives it, without a step."""
-        loss, gradients = self._gradients(*self._distribute(batch))
+        loss, _, gradients = self._gradients(*self._distribute(batch))
         return float(loss), [g.numpy() for g in gradients]
 
     def weights(self) -> dict[str, np.ndarray]:
@@ -446,6 +464,7 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
             "checkpoint": os.path.basename(prefix),
             "steps": trainer.step,
             "final_loss": float(trainer.last_loss.numpy()),
+            "final_partner_accuracy": float(trainer.last_accuracy.numpy()),
             "architecture": config.architecture.to_dict(),
             "projection_dim": config.projection_dim,
             "pair_table": table.describe(),
@@ -460,10 +479,14 @@ def train(config: TrainConfig, strategy: tf.distribute.Strategy | None = None,
 def _run_steps(trainer: Trainer, views: PairViews, manager: tf.train.CheckpointManager,
                work: str, publish: Callable[[], None],
                on_step: Callable[[int, float], None] | None) -> None:
-    """The steps from the trainer's step to the last one, with progress and checkpoints."""
+    """The steps from the trainer's step to the last one, with progress and checkpoints.
+
+    Progress lines and TensorBoard get the loss and partner accuracy averaged over the steps
+    since the last line, beside their values for uniform similarities."""
     config = trainer.config
     writer = tf.summary.create_file_writer(os.path.join(work, LOGS_DIR))
-    since, waited, count = time.perf_counter(), 0.0, 0
+    uniform, chance = uniform_loss(config.batch_size), 1 / (2 * config.batch_size - 1)
+    since, waited, count, losses, accuracies = time.perf_counter(), 0.0, 0, [], []
     batches = views.batches(trainer.step, config.steps, config.input_threads)
     while True:
         before = time.perf_counter()
@@ -472,6 +495,8 @@ def _run_steps(trainer: Trainer, views: PairViews, manager: tf.train.CheckpointM
         if batch is None:
             break
         loss = trainer.train_step(batch)
+        losses.append(loss)
+        accuracies.append(float(trainer.last_accuracy.numpy()))
         _LOG.debug("step %d %.3f s", batch.step, time.perf_counter() - before)
         step, count = batch.step + 1, count + 1
         if on_step is not None:
@@ -480,13 +505,16 @@ def _run_steps(trainer: Trainer, views: PairViews, manager: tf.train.CheckpointM
             elapsed = time.perf_counter() - since
             rate = count * config.batch_size / elapsed
             learning_rate = float(trainer.schedule(step))
-            _LOG.info("step %d/%d loss %.4f lr %.2e %.1f examples/s input wait %.0f%%", step,
-                      config.steps, loss, learning_rate, rate, 100 * waited / elapsed)
+            loss, accuracy = float(np.mean(losses)), float(np.mean(accuracies))
+            _LOG.info("step %d/%d loss %.3f (uniform %.3f) partner accuracy %.3f (chance %.3f)"
+                      " lr %.2e %.1f examples/s input wait %.0f%%", step, config.steps, loss,
+                      uniform, accuracy, chance, learning_rate, rate, 100 * waited / elapsed)
             with writer.as_default(step=step):
-                for tag, value in (("loss", loss), ("learning_rate", learning_rate),
+                for tag, value in (("loss", loss), ("partner_accuracy", accuracy),
+                                   ("learning_rate", learning_rate),
                                    ("examples_per_second", rate)):
                     tf.summary.write(tag, tf.constant(value, tf.float32), metadata=_SCALAR)
-            since, waited, count = time.perf_counter(), 0.0, 0
+            since, waited, count, losses, accuracies = time.perf_counter(), 0.0, 0, [], []
         if step % config.checkpoint_every == 0 or step == config.steps:
             writer.flush()
             manager.save(checkpoint_number=step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -113,8 +114,28 @@ def reference_nt_xent(z: np.ndarray, temperature: float) -> float:
 
 def test_nt_xent_matches_reference():
     z = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
-    loss = float(train.nt_xent(tf.constant(z), 0.1, 6))
-    assert loss == pytest.approx(reference_nt_xent(z.astype(np.float64), 0.1), rel=1e-5)
+    loss, _ = train.nt_xent(tf.constant(z), 0.1, 6)
+    assert float(loss) == pytest.approx(reference_nt_xent(z.astype(np.float64), 0.1), rel=1e-5)
+
+
+def test_partner_accuracy_counts_views_whose_nearest_view_is_their_partner():
+    # Every pair's views are close, but pair 4's second view is moved next to pair 0's first:
+    # those two views find each other, not their partners.
+    rng = np.random.default_rng(1)
+    first = rng.normal(size=(6, 8))
+    second = first + 0.01 * rng.normal(size=(6, 8))
+    second[4] = first[0] + 0.001 * rng.normal(size=8)  # nearer view 0 than its partner
+    z = np.concatenate([first, second]).astype(np.float32)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected = np.mean(similarity.argmax(axis=1) == np.r_[np.arange(6) + 6, np.arange(6)])
+    assert 0.5 < expected < 1  # pair 4's views and view 0 miss their partners
+    loss, accuracy = train.nt_xent(tf.constant(z), 0.1, 6)
+    assert float(accuracy) == pytest.approx(expected)
+    # Uniform similarities: the loss ln(2B - 1) the demo's training passes through.
+    loss, _ = train.nt_xent(tf.constant(np.tile(z[:1], (12, 1))), 0.1, 6)
+    assert float(loss) == pytest.approx(train.uniform_loss(6), rel=1e-5)
 
 
 def test_gray_augmentation_keeps_the_mask():
@@ -237,7 +258,13 @@ def test_loss_falls_and_the_run_is_recorded(trained, dataset, pair_table):
     assert record["steps"] == 30 and record["final_loss"] == pytest.approx(losses[-1])
     assert record["pair_table"]["pairs"] == 256
     out = Path(cfg.out)
-    assert (out / "model.ckpt-30.index").exists() and list((out / "logs").iterdir())
+    assert (out / "model.ckpt-30.index").exists()
+    assert 0 <= record["final_partner_accuracy"] <= 1
+    # TensorBoard gets a point per progress line of each scalar.
+    tags = collections.Counter(
+        value.tag for path in (out / "logs").iterdir()
+        for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value)
+    assert tags["loss"] == tags["partner_accuracy"] == 6
     assert sorted(p.name for p in (out / "state").iterdir() if p.suffix == ".index") == [
         "ckpt-25.index", "ckpt-30.index"]
     # A rerun of a finished run does nothing and returns the same record.
