@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -340,6 +341,9 @@ def run_cli(out: Path, dataset, pair_table, kill_at: str | None = None) -> tuple
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, dataset, pair_table):
+    # An uninterrupted run to compare with, in its own process while the others run.
+    uninterrupted = concurrent.futures.ThreadPoolExecutor(1).submit(
+        run_cli, tmp_path / "whole", dataset, pair_table)
     out = tmp_path / "out"
     _, log = run_cli(out, dataset, pair_table, kill_at=f"checkpoint at step {CLI_EVERY}")
     assert not (out / segclr_model.TRAINING_RECORD).exists()
@@ -353,7 +357,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, dataset, pair_table):
     # The same batches on the same state: the last loss of an uninterrupted run in a process
     # like it (the test process's TensorFlow may use another thread count, whose rounding
     # the steps of Adam amplify), up to float rounding.
-    whole, _ = run_cli(tmp_path / "whole", dataset, pair_table)
+    whole, _ = uninterrupted.result()
     assert record["final_loss"] == pytest.approx(json.loads(whole)["final_loss"], rel=1e-3)
 
 
