@@ -46,7 +46,7 @@ class Job:
     bbox: Box
     model_dir: str         # an exported SavedModel
     model: dict            # its identity record
-    claim: "OutputClaim | None" = None  # the output's, held from prepare to the end of the run
+    claim: OutputClaim     # the output's, held from prepare to the end of the run
 
     @property
     def variants(self) -> dict[str, float | None]:
@@ -63,13 +63,11 @@ class Job:
 
     def finish(self) -> None:
         """Release the output (the run is complete)."""
-        if self.claim is not None:
-            self.claim.finish()
+        self.claim.finish()
 
     def discard(self) -> None:
         """Remove everything this run wrote and release the output (the run failed)."""
-        if self.claim is not None:
-            self.claim.discard()
+        self.claim.discard()
 
     def provenance(self) -> dict[str, Any]:
         return {"em": self.em.spec, "segmentation": self.segmentation.spec,

@@ -140,6 +140,7 @@ def _sampled(element, resolution, spacing_nm: float):
 
 
 def _release(info: str, skeletons: list, claim: OutputClaim) -> str:
+    """The last step of a run the driver does not wait for: release the output."""
     claim.finish()
     return info
 
@@ -165,9 +166,10 @@ def build(pipeline: beam.Pipeline, job: PairsJob, release: bool = True) -> beam.
         segments = merged | "Sample" >> beam.Map(_sampled, resolution, config.spacing_nm)
         if config.write_skeletons:
             written = (merged
-                 | "Precomputed" >> beam.Map(
-                     lambda item, r: (item[0], to_precomputed(item[1], r)), resolution)
-                 | "WriteSkeletons" >> skeleton.WriteSkeletons(join(config.output, SKELETONS)))
+                       | "Precomputed" >> beam.Map(
+                           lambda item, r: (item[0], to_precomputed(item[1], r)), resolution)
+                       | "WriteSkeletons" >> skeleton.WriteSkeletons(
+                           join(config.output, SKELETONS)))
     vol_name, label_volume_name = job.names()
     info = (segments
             | "Pairs" >> beam.ParDo(pairs.PairSegments(resolution, config.options()))
