@@ -61,14 +61,6 @@ class Job:
     def embedding_dim(self) -> int:
         return int(self.model["architecture"]["embedding_dim"])
 
-    def finish(self) -> None:
-        """Release the output (the run is complete)."""
-        self.claim.finish()
-
-    def discard(self) -> None:
-        """Remove everything this run wrote and release the output (the run failed)."""
-        self.claim.discard()
-
     def provenance(self) -> dict[str, Any]:
         return {"em": self.em.spec, "segmentation": self.segmentation.spec,
                 "resolution_nm": list(self.em.resolution), "bbox": [*self.bbox.start, *self.bbox.stop]}
@@ -358,7 +350,7 @@ def _write_record(_, job: Job, release: bool) -> str:
     path = join(job.config.output, RUN_FILE)
     _write_json(path, _run_record(job))
     if release:
-        job.finish()
+        job.claim.finish()
     return path
 
 
@@ -447,7 +439,7 @@ def conclude(job: Job, summary: RunSummary) -> None:
                                     f"{limit} tolerated (--max-absent-chunks)")
     path = join(job.config.output, RUN_FILE)
     _write_json(path, {**_run_record(job), "summary": summary.totals()})
-    job.finish()
+    job.claim.finish()
 
 
 @contextlib.contextmanager
@@ -457,7 +449,7 @@ def owned(job: Job) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        job.discard()
+        job.claim.discard()
         raise
 
 

@@ -448,7 +448,7 @@ def _reusing_job(manifest: Manifest, config: EmbedConfig) -> tuple[Job, dict]:
                                   f"{getattr(config, name)}. Pass --full to embed again")
         manifest.check_files()
     except BaseException:
-        job.finish()  # nothing written yet: only the lock is released
+        job.claim.finish()  # nothing written yet: only the lock is released
         raise
     return job, description
 

@@ -329,7 +329,7 @@ def test_one_run_per_output_and_leftovers_removed_first(small_config, tmp_path):
     (out / "notes.txt").write_text("not the run's")
     job = prepare(config)
     assert _entries(out) == [LOCK_FILE, "notes.txt"]
-    job.finish()
+    job.claim.finish()
     assert _entries(out) == ["notes.txt"]
     (out / RUN_FILE).write_text("{}")  # a complete run is kept unless --overwrite
     with pytest.raises(ConfigError, match="holds a previous run"):
@@ -347,12 +347,12 @@ def test_a_checkpoint_is_exported_again_when_overwriting(small_config, tmp_path,
                         lambda out, checkpoint: export(out, SMALL, checkpoint=checkpoint))
     config = small_config(tmp_path / "out", model=prefix)
     first = job.prepare(config)
-    first.finish()
+    first.claim.finish()
     (tmp_path / "out" / RUN_FILE).write_text("{}")
     again = job.prepare(config.updated({"overwrite": True}))
     assert again.model_dir == first.model_dir == str(tmp_path / "out" / "model")
     assert again.model == first.model
-    again.finish()
+    again.claim.finish()
 
 
 def test_run_json_waits_for_every_written_file(small_config, tmp_path):
@@ -376,7 +376,7 @@ def test_run_json_waits_for_every_written_file(small_config, tmp_path):
     record = next(n for n, t in components.transforms.items() if t.unique_name == "Record")
     names = {components.transforms[n].unique_name.split("/")[0] for n in upstream(record, set())}
     assert {"WritePoints", "Write", "Manifest"} <= names
-    job.finish()
+    job.claim.finish()
 
 
 def test_overwrite_replaces_every_tree_and_embed_reports_what_it_made(
