@@ -21,6 +21,7 @@ setup(
         "fastremap>=1.14",
         "google-cloud-storage>=2.14",
         "kimimaro>=5.0",
+        "mmh3>=4.0",  # the annotation layer's shard rule (murmurhash3_x86_128), in C
         # The annotation writer and the viewer; 2.41 needs a google-apitools that
         # apache-beam[gcp] excludes on Python < 3.13.
         "neuroglancer==2.40.*",

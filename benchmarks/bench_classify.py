@@ -4,12 +4,16 @@ A tree of random 64-d embeddings (2,000 segments of 50 nodes by default, 32 CSV-
 is written once; a plain and an SNGP classifier of the published size (hidden 128, 2 blocks,
 2048 random features) are trained briefly on part of it. Then, on Beam's FnApiRunner with one worker:
 - read: every shard file read and parsed into segments (what apply does before classifying);
+- read+write: the same, and rows of as many columns as apply writes (the first columns of
+  the embeddings standing in for probabilities and uncertainty) sharded by segment as apply
+  shards them and written as CSV-ZIP: what apply costs without its classifier;
 - plain, sngp: `classify apply` on the same tree (read, classify, write shards and summaries)
   with a plain classifier and with an SNGP one, whose posterior variance costs a product with
   the 2048 x 2048 covariance per node;
 - sngp+layer: the SNGP one with the annotation layer of the nodes (`--annotations`).
 Nodes per CPU second is the per-core rate (the process's CPU time, which a shared machine
-disturbs less than wall time, also printed); the ratio says what classifying adds.
+disturbs less than wall time, also printed); the ratios to read and to read+write say what
+classifying adds to the reading and to the writing.
 
     .venv/bin/python benchmarks/bench_classify.py [--segments 2000] [--nodes-per-segment 50]
 """
@@ -17,6 +21,7 @@ disturbs less than wall time, also printed); the ratio says what classifying add
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tempfile
 import time
@@ -25,21 +30,22 @@ import apache_beam as beam
 import numpy as np
 
 from segclr_beam import apply, classify
-from segclr_beam.outputs import CoordinateSystem, WriteEmbeddings
+from segclr_beam.outputs import CoordinateSystem, WriteEmbeddings, write_csv_zip
 from segclr_beam.reader import EmbeddingReader
-from segclr_beam.records import Point
+from segclr_beam.records import EmbeddingTable, Point
 from segclr_beam.runner import pipeline_options
 
 DIM = 64
+CLASSES = 4
 ONE_WORKER = ["--direct_num_workers=1"]
 
 
 def write_tree(root: str, segments: int, nodes: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(4, DIM)) * 2
+    centres = rng.normal(size=(CLASSES, DIM)) * 2
     records = []
     for s in range(segments):
-        centre = centres[s % 4]
+        centre = centres[s % CLASSES]
         xyz = rng.integers(0, 10000, size=(nodes, 3))
         for n in range(nodes):
             records.append((Point(s + 1, n, *xyz[n].tolist()),
@@ -70,6 +76,36 @@ def read_only(tree_path: str) -> None:
              | beam.ParDo(_Read(tree)) | beam.CombineGlobally(sum))
 
 
+class _ReadRows(beam.DoFn):
+    """One shard file -> (shard, EmbeddingTable of `columns` columns) per segment."""
+
+    def __init__(self, tree: EmbeddingReader, columns: int):
+        self._tree, self._columns = tree, columns
+
+    def process(self, path):
+        for segment in self._tree.read_shard(path):
+            yield self._tree.shard_of(segment.segment_id), EmbeddingTable(
+                np.full(len(segment), segment.segment_id, np.uint64), segment.node_ids,
+                self._tree.coordinates.to_voxels(segment.xyz),
+                segment.embeddings[:, :self._columns])
+
+
+def read_write(tree_path: str, columns: int, output: str) -> None:
+    tree = EmbeddingReader(tree_path)
+
+    def write(shard, tables):
+        tables = list(tables)
+        table = EmbeddingTable(*(np.concatenate([getattr(t, f) for t in tables]) for f in
+                                 ("segment_ids", "node_ids", "xyz", "embeddings"))).sorted()
+        write_csv_zip(f"{output}/{shard}.zip", table, tree.coordinates)
+        return len(table)
+
+    with beam.Pipeline(options=pipeline_options(ONE_WORKER)) as pipeline:
+        _ = (pipeline | beam.Create(tree.shard_paths()) | beam.Reshuffle()
+             | beam.ParDo(_ReadRows(tree, columns)) | beam.GroupByKey()
+             | beam.MapTuple(write) | beam.CombineGlobally(sum))
+
+
 def timed(function, *args) -> tuple[float, float]:
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.monotonic()
@@ -90,7 +126,7 @@ def main() -> None:
         x, y, g = [], [], []
         for segment in list(reader)[:400]:
             x.append(segment.embeddings)
-            y += [f"class{segment.segment_id % 4}"] * len(segment)
+            y += [f"class{segment.segment_id % CLASSES}"] * len(segment)
             g += [segment.segment_id] * len(segment)
         for sngp in (False, True):
             classify.train(np.concatenate(x), y, np.array(g), classify.ClassifierConfig(
@@ -98,7 +134,9 @@ def main() -> None:
                 f"{root}/{'sngp' if sngp else 'plain'}")
         nodes = args.segments * args.nodes_per_segment
         read_only(tree)  # warm caches and imports once
+        os.makedirs(f"{root}/read-write")
         results = {"read": timed(read_only, tree),
+                   "read+write": timed(read_write, tree, CLASSES + 1, f"{root}/read-write"),
                    "plain": timed(apply.run, tree, f"{root}/plain", f"{root}/plain-out",
                                   ONE_WORKER),
                    "sngp": timed(apply.run, tree, f"{root}/sngp", f"{root}/sngp-out",
@@ -110,10 +148,11 @@ def main() -> None:
     for name, (cpu, wall) in results.items():
         print(f"  {name:10s} {nodes / cpu:10,.0f} nodes per CPU s   {nodes / wall:10,.0f} "
               f"nodes per wall s   (CPU {cpu:.1f} s, wall {wall:.1f} s)")
-    read_cpu, read_wall = results["read"]
-    for name in ("plain", "sngp", "sngp+layer"):
-        cpu, wall = results[name]
-        print(f"{name} / read: CPU {cpu / read_cpu:.2f}x, wall {wall / read_wall:.2f}x")
+    for base in ("read", "read+write"):
+        base_cpu, base_wall = results[base]
+        for name in [n for n in results if n not in ("read", base)]:
+            cpu, wall = results[name]
+            print(f"{name} / {base}: CPU {cpu / base_cpu:.2f}x, wall {wall / base_wall:.2f}x")
 
 
 if __name__ == "__main__":

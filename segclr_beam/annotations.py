@@ -35,6 +35,7 @@ import struct
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import apache_beam as beam
+import mmh3
 import numpy as np
 from cloudvolume.datasource.precomputed.common import compressed_morton_code
 from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
@@ -252,29 +253,37 @@ def _check_records(layer: Layer, tagged: Iterable) -> tuple[EmbeddingTable, dict
     return table, extra
 
 
+def shard_names(keys: Iterable[int], num_shards: int) -> list[str]:
+    """The shard file (hex, as Neuroglancer names it) of each uint64 key under `sharding`:
+    the low 64 bits of the key's murmurhash3_x86_128, without the minishard bits."""
+    shard_bits = (num_shards - 1).bit_length()
+    mask, width = (1 << shard_bits) - 1, -(-shard_bits // 4)
+    return [format((mmh3.hash64(struct.pack("<Q", key), x64arch=False, signed=False)[0]
+                    >> MINISHARD_BITS) & mask, "x").zfill(width) for key in keys]
+
+
 class _Entries(beam.DoFn):
-    """A segment group's records -> its annotations' entries in every index."""
+    """A segment group's records -> ((index, shard file), its annotations' entries there)
+    per index and shard file: a few elements per group, not three per annotation."""
 
     def __init__(self, layer: Layer):
         self._layer = layer
 
-    def setup(self):
-        self._spec = ShardingSpecification.from_dict(sharding(self._layer.num_shards))
-
-    def process(self, element, colours: Colours) -> Iterator[_Entry]:
+    def process(self, element, colours: Colours) -> Iterator[tuple[tuple[str, str],
+                                                                  list[_Entry]]]:
         group, tagged = element
         layer = self._layer
         table, extra = _check_records(layer, tagged)
-        records = layer.encode(table, colours, extra)
+        records = [record.tobytes() for record in layer.encode(table, colours, extra)]
         ids = (group + layer.num_shards * np.arange(len(table), dtype=np.uint64)).tolist()
         segments = table.segment_ids.tolist()
-        cells = layer.cells(table.xyz).tolist()
-        for k, record in enumerate(records):
-            record = record.tobytes()
-            for index, key in ((BY_ID, ids[k]), (RELATIONSHIP, segments[k]),
-                               (SPATIAL, cells[k])):
-                shard = self._spec.compute_shard_location(key).shard_number
-                yield _Entry(index, shard, key, ids[k], record, segments[k])
+        for index, keys in ((BY_ID, ids), (RELATIONSHIP, segments),
+                            (SPATIAL, layer.cells(table.xyz).tolist())):
+            by_shard: dict[str, list[_Entry]] = {}
+            for k, shard in enumerate(shard_names(keys, layer.num_shards)):
+                by_shard.setdefault(shard, []).append(
+                    _Entry(index, shard, keys[k], ids[k], records[k], segments[k]))
+            yield from (((index, shard), entries) for shard, entries in by_shard.items())
 
 
 def _many(entries: list[_Entry]) -> bytes:
@@ -294,10 +303,11 @@ class _WriteShard(beam.DoFn):
         self._spec = ShardingSpecification.from_dict(sharding(self._layer.num_shards))
 
     def process(self, element) -> Iterator[_Shard]:
-        (index, shard), entries = element
+        (index, shard), batches = element
         by_key: dict[int, list[_Entry]] = {}
-        for entry in entries:
-            by_key.setdefault(entry.key, []).append(entry)
+        for _, entries in batches:
+            for entry in entries:
+                by_key.setdefault(entry.key, []).append(entry)
         if index == BY_ID:  # one annotation per id, with its one related segment
             values = {key: e.record + struct.pack("<IQ", 1, e.segment_id)
                       for key, (e,) in by_key.items()}
@@ -342,7 +352,7 @@ class WriteAnnotations(beam.PTransform):
                 | "GroupBySegmentGroup" >> beam.GroupByKey()
                 | "Entries" >> beam.ParDo(_Entries(layer), colours)
                 | "Shards" >> shards.WriteShards(
-                    lambda e: [(e.index, e.shard)], _WriteShard(layer, staging),
+                    lambda batch: [batch[0]], _WriteShard(layer, staging),
                     lambda written, c: _finalize(layer, staging, written, c), colours)
                 | "InfoFile" >> beam.FlatMap(lambda paths: paths))
 

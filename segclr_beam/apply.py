@@ -150,10 +150,10 @@ class _ClassifyShard(beam.DoFn):
                 np.full(len(segment), segment.segment_id, np.uint64), segment.node_ids, xyz,
                 columns[a:b])
             if self._annotations:
-                for k, (node, (x, y, z)) in enumerate(zip(segment.node_ids.tolist(),
-                                                          xyz.tolist())):
-                    row = columns[a + k]
-                    extra = {"class": int(row[:-1].argmax()), "uncertainty": row[-1],
+                # Python floats (the float32 values exactly) pickle faster than numpy's.
+                for k, (node, (x, y, z), row) in enumerate(zip(
+                        segment.node_ids.tolist(), xyz.tolist(), columns[a:b].tolist())):
+                    extra = {"class": int(np.argmax(row[:-1])), "uncertainty": row[-1],
                              **{f"p_{c}": row[i] for i, c in enumerate(self._classes)}}
                     yield beam.pvalue.TaggedOutput(NODES, (
                         Point(segment.segment_id, node, x, y, z), segment.embeddings[k], extra))

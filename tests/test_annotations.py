@@ -200,6 +200,17 @@ def test_rerun_gives_identical_bytes(written, tmp_path):
     assert files(tmp_path) == files(root)
 
 
+@pytest.mark.parametrize("num_shards", [1, 2, 4, 1024, 65536])
+def test_shard_names_are_cloud_volumes(num_shards):
+    from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
+
+    keys = np.random.default_rng(num_shards).integers(0, 2 ** 64, 2000, np.uint64).tolist()
+    keys += [0, 1, 2 ** 63, 2 ** 64 - 1]
+    spec = ShardingSpecification.from_dict(annotations.sharding(num_shards))
+    assert annotations.shard_names(keys, num_shards) == [
+        spec.compute_shard_location(key).shard_number for key in keys]
+
+
 def test_colours_follow_the_principal_axes():
     rng = np.random.default_rng(3)
     axes, _ = np.linalg.qr(rng.normal(size=(DIM, DIM)))
