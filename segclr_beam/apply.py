@@ -295,8 +295,7 @@ def read_info(output: str) -> dict | None:
     path = shards.join(output, INFO_NAME)
     if not FileSystems.exists(path):
         return None
-    with FileSystems.open(path) as f:
-        return json.loads(f.read())
+    return shards.read_json(path)
 
 
 def read_segment_summary(output: str) -> dict[int, tuple[int, str, float, float]]:

@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 from scipy.special import expit
 
 from segclr_beam.config import ConfigError, _field
-from segclr_beam.shards import join, write_file
+from segclr_beam.shards import join, read_json, write_file
 
 FORMAT = "segclr-beam classifier"
 FORMAT_VERSION = 1
@@ -327,8 +327,7 @@ def read_meta(path: str) -> dict:
     """A classifier directory's classifier.json; errors name the path."""
     meta_path = join(path, META_NAME)
     try:
-        with FileSystems.open(meta_path) as f:
-            meta = json.loads(f.read())
+        meta = read_json(meta_path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a classifier directory (cannot read {meta_path}: "
                          f"{e})") from None

@@ -18,7 +18,7 @@ from segclr_beam.aggregate import DEFAULT_RADII_NM, check_radii
 from segclr_beam.cutouts import DEFAULT_BLOCK_SIZE, DEFAULT_CUTOUT_SIZE, check_cutout_size
 from segclr_beam.outputs import FORMATS
 from segclr_beam.pairs import PairOptions
-from segclr_beam.shards import check_sharding
+from segclr_beam.shards import check_sharding, read_json
 from segclr_beam.skeleton import SkeletonOptions
 from segclr_beam.volume import DEFAULT_RESOLUTION
 
@@ -168,11 +168,8 @@ class EmbedConfig:
 
 def _read_fields(path: str, config: type) -> dict:
     """The fields of `config` a JSON config file sets, names checked; errors name the file."""
-    from apache_beam.io.filesystems import FileSystems
-
     try:
-        with FileSystems.open(path) as f:
-            data = json.loads(f.read())
+        data = read_json(path)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"config file {path}: {e}") from None
     if not isinstance(data, dict):

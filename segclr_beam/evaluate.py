@@ -28,7 +28,7 @@ from segclr_beam.cutouts import DEFAULT_CUTOUT_SIZE, block_of, window_of, window
 from segclr_beam.outputs import INFO_NAME
 from segclr_beam.reader import EmbeddingReader
 from segclr_beam.records import Point, variant_name
-from segclr_beam.shards import join
+from segclr_beam.shards import join, read_json
 from segclr_beam.volume import Volume, open_volume
 
 DEFAULT_K = 5
@@ -104,8 +104,7 @@ def variant_trees(output_dir: str) -> dict[str, str]:
     found = FileSystems.match([join(output_dir, "*", INFO_NAME)])[0].metadata_list
     trees = {}
     for m in found:
-        with FileSystems.open(m.path) as f:
-            info = json.loads(f.read())
+        info = read_json(m.path)
         if info.get("format") == "segclr-beam embeddings":
             trees[info["variant"]] = (info["aggregation_radius_nm"] or 0.0,
                                       m.path.rsplit("/", 1)[0])
@@ -288,8 +287,7 @@ def _baseline(output_dir: str, trees: Mapping[str, str], reference: Nodes, segme
     record = join(output_dir, RUN_FILE)
     run = {}
     if FileSystems.exists(record):
-        with FileSystems.open(record) as f:
-            run = json.loads(f.read())["config"]
+        run = read_json(record)["config"]
     segmentation = segmentation if segmentation is not None else run.get("segmentation")
     cutout_size = cutout_size or run.get("cutout_size")
     if segmentation is None or cutout_size is None:

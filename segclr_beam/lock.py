@@ -21,6 +21,8 @@ import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from segclr_beam.shards import read_json
+
 LOCK_FILE = ".segclr-lock"
 _LOG = logging.getLogger(__name__)
 
@@ -105,8 +107,7 @@ def _create_new(path: str, data: bytes) -> bool:
 def _holder(path: str) -> dict | None:
     """The record in an existing lock (None if it vanished); {} if unreadable."""
     try:
-        with FileSystems.open(path) as f:
-            return json.loads(f.read())
+        return read_json(path)
     except (OSError, ValueError):
         return None if not FileSystems.exists(path) else {}
 

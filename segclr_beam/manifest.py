@@ -432,8 +432,7 @@ class Manifest:
             raise ManifestError(f"{path}: missing; {root} holds no finished run with a manifest "
                                 "(an unfinished run, or one from before runs recorded manifests)")
         try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                info = json.loads(f.read())
+            info = shards.read_json(path)
             if info["format"] != FORMAT or info["format_version"] != FORMAT_VERSION:
                 raise ValueError(f"format {info['format']!r} version {info['format_version']}, "
                                  f"expected {FORMAT!r} version {FORMAT_VERSION}")

@@ -31,6 +31,8 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
+from segclr_beam.shards import read_json
+
 keras = tf.keras  # Keras 3, the TensorFlow backend.
 
 BN_EPSILON = 1e-5
@@ -584,8 +586,7 @@ def training_record(prefix: str) -> dict | None:
     if not FileSystems.exists(path):
         return None
     try:
-        with FileSystems.open(path) as f:
-            record = json.loads(f.read())
+        record = read_json(path)
         return record if record["checkpoint"] == name else None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a training record: {e!r}") from None
@@ -656,8 +657,7 @@ def model_identity(saved_model_dir: str) -> dict:
     the form of the graph; exports that do not record it run the plain one)."""
     path = _identity_path(saved_model_dir)
     try:
-        with FileSystems.open(path) as f:
-            identity = json.loads(f.read())
+        identity = read_json(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{saved_model_dir!r} is not a SegCLR model exported by segclr-beam "
                          f"(cannot read {path}: {e})") from e

@@ -23,7 +23,7 @@ from segclr_beam.config import ConfigError, PairsConfig
 from segclr_beam.job import POINTS_FILE, RUN_FILE, OutputClaim, counters
 from segclr_beam.precomputed import SkeletonError, SkeletonSource, from_precomputed, to_precomputed
 from segclr_beam.runner import is_local, pipeline_options
-from segclr_beam.shards import TEMP_PREFIX, join
+from segclr_beam.shards import TEMP_PREFIX, join, read_json
 from segclr_beam.volume import Box, Volume, VolumeError, open_volume, open_volumes
 
 SKELETONS = "skeletons"  # an embedding run's --write-skeletons directory, and this job's
@@ -80,8 +80,7 @@ def _earlier_run(config: PairsConfig) -> tuple[SkeletonSource, str]:
                           "(embed --write-skeletons)") from None
     record = join(root, RUN_FILE)
     if FileSystems.exists(record):
-        with FileSystems.open(record) as f:
-            ran = json.loads(f.read())["config"]
+        ran = read_json(record)["config"]
         given = [float(v) for v in config.resolution]
         if [float(v) for v in ran["resolution"]] != given:
             raise ConfigError(f"resolution: {tuple(given)}, but the run at {root} has "
@@ -212,6 +211,5 @@ def run(config: PairsConfig, beam_args: list[str] | None = None) -> PairsSummary
         job.claim.discard()
         raise
     job.claim.finish()
-    with FileSystems.open(join(config.output, pairs.INFO_NAME)) as f:
-        info = json.loads(f.read())
+    info = read_json(join(config.output, pairs.INFO_NAME))
     return PairsSummary(result, counters(result), time.monotonic() - start, config.output, info)

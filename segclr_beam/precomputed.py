@@ -8,7 +8,6 @@ neuroglancer_uint64_sharded key-value store. Files go through Beam's FileSystems
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import struct
 from typing import Any, Sequence
@@ -18,6 +17,7 @@ import tensorstore as ts
 from apache_beam.io.filesystems import FileSystems
 from osteoid import Skeleton
 
+from segclr_beam.shards import read_json
 from segclr_beam.volume import kvstore_url
 
 
@@ -70,8 +70,7 @@ class SkeletonSource:
         path = path.rstrip("/")
         info_path = FileSystems.join(path, "info")
         try:
-            with FileSystems.open(info_path) as f:
-                info = json.loads(f.read())
+            info = read_json(info_path)
         except (OSError, ValueError) as e:
             raise SkeletonError(f"{path}: not a precomputed skeleton directory "
                               f"({info_path}: {e})") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import zipfile
 from typing import Iterable, Iterator
 
@@ -18,7 +17,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from segclr_beam.outputs import INFO_NAME, CoordinateSystem
-from segclr_beam.shards import check_sharding, shard_of
+from segclr_beam.shards import check_sharding, read_json, shard_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +42,7 @@ class EmbeddingReader:
         info_path = FileSystems.join(self.path, INFO_NAME)
         self.info: dict | None = None
         if FileSystems.exists(info_path):
-            with FileSystems.open(info_path) as f:
-                self.info = json.load(f)
+            self.info = read_json(info_path)
             if "csv_zip" not in self.info:
                 raise ValueError(f"{self.path} was written without CSV-ZIP files, the only "
                                  f"format this reader reads")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import struct
 import uuid
 from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping
@@ -108,6 +109,22 @@ def delete_tree(directory: str) -> None:
             FileSystems.delete([directory])
     else:  # Object stores delete everything under a prefix given with a trailing slash.
         FileSystems.delete([directory + "/"])
+
+
+def read_json(path: str) -> Any:
+    """The JSON document in the file at `path`. Raises OSError (FileNotFoundError for a missing
+    file, which object stores report with their own error types) or json's ValueError, so that
+    callers can name the file in their own words."""
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            data = f.read()
+    except OSError:
+        raise
+    except Exception:
+        if not FileSystems.exists(path):
+            raise FileNotFoundError(f"{path}: no such file") from None
+        raise
+    return json.loads(data)
 
 
 def write_file(path: str, data: bytes, mime_type: str = "application/octet-stream") -> None:

@@ -12,7 +12,6 @@ points to the selected segments.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
 from urllib.parse import urlparse
@@ -23,7 +22,7 @@ from neuroglancer.static_file_server import StaticFileServer
 
 from segclr_beam import annotations
 from segclr_beam.job import RUN_FILE
-from segclr_beam.shards import join
+from segclr_beam.shards import join, read_json
 from segclr_beam.volume import Box
 
 # TensorStore drivers and the Neuroglancer data source schemes that read the same volumes.
@@ -59,8 +58,7 @@ class Run:
         path = join(output, RUN_FILE)
         if not FileSystems.exists(path):
             raise ViewError(f"{output}: no {RUN_FILE}, so not a finished run")
-        with FileSystems.open(path) as f:
-            record = json.loads(f.read())
+        record = read_json(path)
         layer = join(output, annotations.DIRECTORY, annotations.INFO_NAME)
         if not FileSystems.exists(layer):
             raise ViewError(f"{output}: no annotation layer ({layer} is missing)")

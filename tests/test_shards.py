@@ -113,3 +113,16 @@ def test_write_shards_on_the_local_runner_and_gcs(tmp_path, gcs):
             assert f.read() == g.read()
     shards.delete_tree(remote)
     assert not shards.list_names(remote, "*")
+
+
+def test_read_json_locally_and_on_gcs_whatever_the_name(tmp_path, gcs):
+    for root in (str(tmp_path), f"gs://{gcs.bucket}/json"):
+        for name in ("info.json", "info.json.gz"):  # a .gz name is not decompressed
+            path = shards.join(root, name)
+            shards.write_file(path, b'{"format": "x", "n": [1, 2]}')
+            assert shards.read_json(path) == {"format": "x", "n": [1, 2]}
+        shards.write_file(shards.join(root, "bad.json"), b'{"format": ')
+        with pytest.raises(ValueError):
+            shards.read_json(shards.join(root, "bad.json"))
+        with pytest.raises(OSError):
+            shards.read_json(shards.join(root, "absent.json"))
