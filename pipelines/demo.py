@@ -157,7 +157,7 @@ def _sample(dataset: synth.Dataset, counts: dict[str, int], seed: int = 0) -> li
 def _trained_checkpoint(data: str, dataset: synth.Dataset, size: DemoSize,
                         beam_args: list[str]) -> tuple[str, dict]:
     """The demo network trained on `dataset`: made on the first run, then reused."""
-    from segclr_beam import pairs, pairs_job, train
+    from segclr_beam import model, pairs, pairs_job, train
 
     table = os.path.join(data, f"pairs-{size.tag}")
     if not os.path.exists(os.path.join(table, pairs.INFO_NAME)):
@@ -177,13 +177,17 @@ def _trained_checkpoint(data: str, dataset: synth.Dataset, size: DemoSize,
         architecture=size.architecture(), steps=size.steps, batch_size=size.batch_size,
         learning_rate=size.learning_rate, warmup_steps=size.warmup_steps,
         checkpoint_every=100, log_every=25)
-    finished = os.path.exists(os.path.join(config.out, "training.json"))
-    if not finished:
+    record_path = os.path.join(config.out, model.TRAINING_RECORD)
+    if os.path.exists(record_path):
+        # A finished run is reused as it is, also in a checkout moved since: its config names
+        # the volumes by absolute path, and the cache's name fixes the settings.
+        with open(record_path) as f:
+            record = json.load(f)
+    else:
         print(f"training the {size.name} network for {size.steps} steps of {size.batch_size} "
               f"pairs in {config.out} ...", flush=True)
-    start = time.monotonic()
-    record = train.train(config)
-    if not finished:
+        start = time.monotonic()
+        record = train.train(config)
         print(f"  trained in {time.monotonic() - start:.0f} s, final loss "
               f"{record['final_loss']:.3f}", flush=True)
     return os.path.join(config.out, record["checkpoint"]), record
