@@ -36,8 +36,12 @@ class Row:
     head: str
     node_balanced_accuracy: float
     segment_accuracy: float
-    ood_auroc: float | None  # mean of ood_by_class; None without held-out classes in the task
     ood_by_class: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ood_auroc(self) -> float | None:
+        """The mean OOD AUROC over the held-out classes; None without any in the task."""
+        return float(np.mean(list(self.ood_by_class.values()))) if self.ood_by_class else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +125,6 @@ def evaluate(train_root: str, test_root: str | None,
                                 classify.balanced_accuracy(test.labels[known].astype(str),
                                                            predicted[known].astype(str)),
                                 segment_accuracy(test.segments, test.labels, predicted),
-                                float(np.mean(list(by_class.values()))) if ood else None,
                                 by_class))
                 if keep is not None and sngp and task == next(iter(tasks)) \
                         and variant == variants[-1]:

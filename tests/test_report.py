@@ -18,7 +18,7 @@ def test_segment_accuracy_reference():
 
 
 def test_table_puts_variants_side_by_side():
-    rows = [report.Row("class", v, h, 0.5 + i / 10, 0.25, None)
+    rows = [report.Row("class", v, h, 0.5 + i / 10, 0.25)
             for i, (v, h) in enumerate([(v, h) for v in ("raw", "agg10um") for h in report.HEADS])]
     lines = report.format_rows(rows).splitlines()
     assert lines[0].split() == ["task", "head", "raw", "node", "bal.acc", "raw", "segment",
@@ -29,10 +29,10 @@ def test_table_puts_variants_side_by_side():
 
 
 def test_ood_column_is_the_mean_over_held_out_classes():
-    rows = [report.Row("class", "raw", "plain", 0.5, 0.5, 0.5, {"a": 0.25, "b": 0.75}),
-            report.Row("class", "raw", "sngp", 0.5, 0.5, 0.875, {"a": 1.0, "b": 0.75}),
-            report.Row("compartment", "raw", "plain", 0.5, 0.5, None),
-            report.Row("compartment", "raw", "sngp", 0.5, 0.5, None)]
+    rows = [report.Row("class", "raw", "plain", 0.5, 0.5, {"a": 0.25, "b": 0.75}),
+            report.Row("class", "raw", "sngp", 0.5, 0.5, {"a": 1.0, "b": 0.75}),
+            report.Row("compartment", "raw", "plain", 0.5, 0.5),
+            report.Row("compartment", "raw", "sngp", 0.5, 0.5)]
     lines = report.format_rows(rows).splitlines()
     assert lines[0].split()[-3:] == ["raw", "OOD", "AUROC"]
     assert [line.split()[-1] for line in lines[1:]] == ["0.500", "0.875", "-", "-"]
