@@ -94,9 +94,7 @@ def read_write(tree_path: str, columns: int, output: str) -> None:
     tree = EmbeddingReader(tree_path)
 
     def write(shard, tables):
-        tables = list(tables)
-        table = EmbeddingTable(*(np.concatenate([getattr(t, f) for t in tables]) for f in
-                                 ("segment_ids", "node_ids", "xyz", "embeddings"))).sorted()
+        table = EmbeddingTable.concatenate(tables).sorted()
         write_csv_zip(f"{output}/{shard}.zip", table, tree.coordinates)
         return len(table)
 

@@ -172,8 +172,7 @@ class _Output:
 
     def write(self, shard: int, records: Iterable[tuple[int, EmbeddingTable]]) -> tuple:
         segments = sorted(records, key=lambda r: r[0])
-        table = EmbeddingTable(*(np.concatenate([getattr(t, f) for _, t in segments]) for f in
-                                 ("segment_ids", "node_ids", "xyz", "embeddings"))).sorted()
+        table = EmbeddingTable.concatenate(t for _, t in segments).sorted()
         name = f"{shard}.zip"
         write_csv_zip(self.staging.temp_path("", name), table, self.job.tree.coordinates)
         classes = self.job.classes

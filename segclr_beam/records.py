@@ -119,6 +119,13 @@ class EmbeddingTable:
                                    for b, block in enumerate(blocks)]) for c in range(3)]
         return cls(columns[0], columns[1][:, 0].copy(), columns[1][:, 1:].copy(), columns[2])
 
+    @classmethod
+    def concatenate(cls, tables: Iterable["EmbeddingTable"]) -> "EmbeddingTable":
+        """The rows of `tables` (at least one), one table after the other."""
+        tables = list(tables)
+        return cls(*(np.concatenate([getattr(t, f.name) for t in tables])
+                     for f in dataclasses.fields(cls)))
+
     def __len__(self) -> int:
         return len(self.node_ids)
 
