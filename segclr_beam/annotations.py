@@ -254,12 +254,14 @@ def _check_records(layer: Layer, tagged: Iterable) -> tuple[EmbeddingTable, dict
 
 
 def shard_names(keys: Iterable[int], num_shards: int) -> list[str]:
-    """The shard file (hex, as Neuroglancer names it) of each uint64 key under `sharding`:
-    the low 64 bits of the key's murmurhash3_x86_128, without the minishard bits."""
-    shard_bits = (num_shards - 1).bit_length()
+    """The shard file (hex, as Neuroglancer names it) of each uint64 key under
+    `sharding(num_shards)`: the low 64 bits of the key's murmurhash3_x86_128 (no preshift),
+    without the minishard bits."""
+    spec = sharding(num_shards)
+    shard_bits, minishard_bits = spec["shard_bits"], spec["minishard_bits"]
     mask, width = (1 << shard_bits) - 1, -(-shard_bits // 4)
     return [format((mmh3.hash64(struct.pack("<Q", key), x64arch=False, signed=False)[0]
-                    >> MINISHARD_BITS) & mask, "x").zfill(width) for key in keys]
+                    >> minishard_bits) & mask, "x").zfill(width) for key in keys]
 
 
 class _Entries(beam.DoFn):

@@ -205,8 +205,8 @@ def _check_box(config: EmbedConfig, em: Volume, segmentation: Volume) -> Box:
 def prepare(config: EmbedConfig) -> Job:
     """Validate `config` against storage before any work; errors name the field.
 
-    Claims the output (`OutputClaim`: its lock): the returned job holds it until
-    `Job.finish` or `Job.discard`.
+    Claims the output (`OutputClaim`: its lock): the returned job's `claim` holds it until
+    it is finished or discarded.
     """
     config.validate()
     try:
