@@ -112,7 +112,7 @@ def test_outputs_are_the_network_and_the_posterior_variance_in_any_batches(train
     xs = ((x - model.mean) / model.std).astype(np.float32)
     numpy = classify._keras().ops.convert_to_numpy
     eager, phi = (numpy(v).astype(np.float64) for v in model.model(xs, training=False))
-    gp = next(layer for layer in model.model.layers if hasattr(layer, "covariance"))
+    gp = classify._gp_layer(model.model)
     reference = np.einsum("ij,jk,ik->i", phi, numpy(gp.covariance).astype(np.float64), phi)
     np.testing.assert_allclose(logits, eager, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(variance, reference, rtol=1e-4, atol=1e-7)
