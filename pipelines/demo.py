@@ -53,8 +53,8 @@ class DemoSize:
     @property
     def tag(self) -> str:
         """Names the pair table, training run and models of this size under --data (a cache
-        made with other widths, cutouts or training budget is not reused)."""
-        return (f"{self.name}-{'-'.join(map(str, self.widths))}-{self.cutout_size}"
+        made with other data, widths, cutouts or training budget is not reused)."""
+        return (f"{self.name}-v{synth.VERSION}-{'-'.join(map(str, self.widths))}-{self.cutout_size}"
                 f"at{self.downsampling}x-{self.steps}x{self.batch_size}")
 
     @property
@@ -136,7 +136,7 @@ def _add_scale(path: str, factor: int, method: str) -> None:
 
 
 def _volumes(data: str, seed: int, size: DemoSize) -> synth.Dataset:
-    dataset = _dataset(os.path.join(data, f"volume-seed{seed}"), seed)
+    dataset = _dataset(os.path.join(data, f"volume-v{synth.VERSION}-seed{seed}"), seed)
     if size.downsampling > 1:
         _add_scale(dataset.em, size.downsampling, "mean")
         _add_scale(dataset.segmentation, size.downsampling, "mode")

@@ -2,7 +2,8 @@
 
 The labels imitate a segmentation of cortical neuropil at 32 x 32 x 33 nm: thin axons with
 boutons, thicker spiny dendrites that branch, somata (often cut by the volume's faces) with
-their dendrites and axon, and glia with a small body and winding, varicose processes. The
+their proximal neurites (thick dendrites, spineless near the body, and a smooth axon initial
+segment), and glia with a small body and winding, varicose processes. The
 cells are then grown into the space left until they press against each other, as in fixed
 neuropil, so the volume fractions are near cortex's: axons about 40%, dendrites about 35%,
 glia 10-15%, somata and extracellular space the rest. At the default size that is about
@@ -10,8 +11,10 @@ glia 10-15%, somata and extracellular space the rest. At the default size that i
 component with a random 64-bit id, and every voxel also carries a compartment label (axon,
 dendrite shaft, spine, soma, glia; the `compartments` volume) for training classifiers.
 
-The EM is drawn from the labels (dark membranes, textured cytoplasm, dark organelles,
-noise), so a model sees the same kind of signal it sees in real data. Everything is
+The EM is drawn from the labels and compartments (dark membranes, textured cytoplasm, and the
+ultrastructure by which people tell the compartments apart: mitochondria, vesicle-filled
+boutons, pale glia, a soma's nucleus), so a model
+sees the same kind of signal it sees in real data. Everything is
 deterministic for a seed, and written as neuroglancer precomputed volumes with TensorStore.
 """
 
@@ -31,12 +34,17 @@ import numpy as np
 import scipy.ndimage as ndi
 import tensorstore as ts
 
+# What a seed makes changes with the generator: caches of synthetic data carry this number.
+VERSION = 2
 DEFAULT_SHAPE = (384, 384, 256)
 RESOLUTION = (32.0, 32.0, 33.0)
 CLASSES = ("axon", "dendrite", "soma", "glia")
 # Per-voxel compartments: code i + 1 is COMPARTMENTS[i]; 0 is extracellular space.
 COMPARTMENTS = ("axon", "shaft", "spine", "soma", "glia")
 AXON, SHAFT, SPINE, SOMA, GLIA = range(1, len(COMPARTMENTS) + 1)
+# A code the generator gives an axon's boutons, so that the EM can fill them with vesicles;
+# the compartments volume calls them axon.
+_BOUTON = len(COMPARTMENTS) + 1
 # The compartments a segment of each class may hold.
 CLASS_COMPARTMENTS = {"axon": {AXON}, "dendrite": {SHAFT, SPINE},
                       "soma": {SOMA, SHAFT, SPINE, AXON}, "glia": {GLIA}}
@@ -62,6 +70,10 @@ _SPACE, _MAX_GROWTH, _SPINE_GROWTH = 0.06, 24, 1
 # Radii (voxels) the neurites and somata are drawn with before they grow.
 _AXON_RADIUS, _DENDRITE_RADIUS, _SOMA_RADIUS = (2.0, 3.0), (5.0, 7.0), (45.0, 70.0)
 _GLIA_RADIUS, _GLIA_PROCESS_RADIUS = (16.0, 22.0), (5.0, 8.0)
+# A soma's own neurites: dendrites start thick and taper (voxels of radius per voxel of
+# length) with no spines over their first voxels, and the axon's initial segment is smooth.
+_PROXIMAL_DENDRITE_RADIUS, _PROXIMAL_TAPER, _SPINE_FREE = (10.0, 13.0), 0.02, 60.0
+_INITIAL_SEGMENT_RADIUS = (3.0, 4.0)
 # Segments per class and per default volume; smaller volumes get proportionally fewer.
 _SOMATA, _GLIA = 6, 12
 # A class stops receiving segments after this many attempts in a row that got nowhere.
@@ -226,9 +238,10 @@ def _entry(rng: np.random.Generator, shape: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _add_axon(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.ndarray,
-              heading: np.ndarray, radius: float) -> bool:
-    """A thin tube with bouton-like swellings every ~40 voxels, walked from `start` both
-    ways (so it may start inside the volume); False if it got nowhere."""
+              heading: np.ndarray, radius: float, boutons: bool = True) -> bool:
+    """A thin tube with boutons (swellings) every ~40 voxels, walked from `start` both ways
+    (so it may start inside the volume); False if it got nowhere. Without `boutons` it is an
+    axon's initial segment: smooth."""
     bouton = 1.5
     walk = dict(clearance=radius + 1, step=3.0, max_length=2 * canvas.shape.max(),
                 persistence=300)
@@ -238,19 +251,23 @@ def _add_axon(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.n
         return False
     centers = _densify(path)
     s = np.arange(len(centers)) * _SPACING
-    boutons = rng.uniform(0, s[-1], size=int(s[-1] / 40))
-    swell = np.exp(-((s[:, None] - boutons[None]) / 2.5) ** 2).sum(1)
-    canvas.paint_tube(centers, radius + bouton * np.minimum(swell, 1), label, AXON)
+    places = rng.uniform(0, s[-1], size=int(s[-1] / 40) if boutons else 0)
+    swell = np.minimum(np.exp(-((s[:, None] - places[None]) / 2.5) ** 2).sum(1), 1)
+    radii = radius + bouton * swell
+    swollen = swell > 0.5
+    canvas.paint_tube(centers[swollen], radii[swollen], label, _BOUTON)
+    canvas.paint_tube(centers[~swollen], radii[~swollen], label, AXON)
     return True
 
 
 def _add_spines(canvas: _Canvas, rng: np.random.Generator, label: int, centers: np.ndarray,
-                radii: np.ndarray) -> None:
-    """Spines every ~8 voxels along a dendrite: a thin neck ending in a round head."""
+                radii: np.ndarray, start: float) -> None:
+    """Spines every ~8 voxels along a dendrite from `start` voxels on: a thin neck ending in
+    a round head."""
     step = np.diff(centers, axis=0, append=centers[-1:] + (centers[-1:] - centers[-2:-1]))
     tangents = _unit(step + 1e-9)
     positions = np.cumsum(rng.uniform(4, 12, size=int(len(centers) * _SPACING / 4))) / _SPACING
-    for i in positions.astype(int):
+    for i in positions[positions >= start / _SPACING].astype(int):
         if i >= len(centers):
             break
         side = rng.standard_normal(3)
@@ -268,22 +285,25 @@ def _add_spines(canvas: _Canvas, rng: np.random.Generator, label: int, centers: 
 
 
 def _add_dendrite(canvas: _Canvas, rng: np.random.Generator, label: int, start: np.ndarray,
-                  heading: np.ndarray, radius: float, branches: int = 1) -> bool:
-    """A spiny tube tapering slowly from `radius`, branching up to `branches` times."""
+                  heading: np.ndarray, radius: float, branches: int = 1,
+                  taper: float = 0.003, smooth: float = 0.0) -> bool:
+    """A spiny tube tapering from `radius` by `taper` per voxel, branching up to `branches`
+    times; its first `smooth` voxels carry no spines."""
     path = _walk(canvas, rng, label, start, heading, clearance=radius + 1, step=3.0,
                  max_length=3 * canvas.shape.max(), persistence=200)
     if not canvas.long_enough(path):
         return False
     centers = _densify(path)
-    radii = np.maximum(radius - 0.003 * np.arange(len(centers)) * _SPACING, 4.0)
+    radii = np.maximum(radius - taper * np.arange(len(centers)) * _SPACING, 4.0)
     canvas.paint_tube(centers, radii, label, SHAFT)
     if branches and len(centers) > 120 and rng.random() < 0.6:
         at = rng.integers(len(centers) // 4, len(centers) // 2)
         tangent = _unit(centers[at + 1] - centers[at - 1])
         turn = _unit(rng.standard_normal(3))
         _add_dendrite(canvas, rng, label, centers[at], _unit(tangent + 1.2 * turn),
-                      max(4.0, 0.8 * radii[at]), branches - 1)
-    _add_spines(canvas, rng, label, centers, radii)
+                      max(4.0, 0.8 * radii[at]), branches - 1, taper,
+                      max(0.0, smooth - at * _SPACING))
+    _add_spines(canvas, rng, label, centers, radii, smooth)
     return True
 
 
@@ -311,7 +331,9 @@ def _paint_ellipsoid(canvas: _Canvas, rng: np.random.Generator, label: int, cent
 
 def _add_soma(canvas: _Canvas, rng: np.random.Generator, label: int, center: np.ndarray,
               radius: float) -> None:
-    """A randomly oriented ellipsoid with 2-4 spiny dendrites and one axon leaving it."""
+    """A randomly oriented ellipsoid with 2-4 dendrites and one axon leaving it, as proximal
+    neurites are: thick dendrites that taper and bear no spines near the cell body, and a
+    smooth axon initial segment thicker than the axons passing by."""
     form = _paint_ellipsoid(canvas, rng, label, center, radius, SOMA)
     directions: list[np.ndarray] = []
     count = rng.integers(2, 5) + 1
@@ -324,9 +346,12 @@ def _add_soma(canvas: _Canvas, rng: np.random.Generator, label: int, center: np.
         if ((start < 0) | (start > canvas.shape - 1)).any():
             continue  # this side of the soma lies outside the volume
         if i == 0:
-            _add_axon(canvas, rng, label, start, u, radius=rng.uniform(1.5, 2.0))
+            _add_axon(canvas, rng, label, start, u, radius=rng.uniform(*_INITIAL_SEGMENT_RADIUS),
+                      boutons=False)
         else:
-            _add_dendrite(canvas, rng, label, start, u, radius=rng.uniform(6.0, 7.5))
+            _add_dendrite(canvas, rng, label, start, u,
+                          radius=rng.uniform(*_PROXIMAL_DENDRITE_RADIUS),
+                          taper=_PROXIMAL_TAPER, smooth=_SPINE_FREE)
 
 
 def _inside(rng: np.random.Generator, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -423,7 +448,7 @@ def _grow(canvas: _Canvas, shares: dict[str, float], space: float) -> None:
         if not growing or (layer and len(gained) < 0.001 * total):
             growing = list(range(len(CLASSES)))  # the classes short of their share are stuck
         by_compartment = np.zeros(8, dtype=bool)
-        by_compartment[[AXON, SHAFT, SOMA, GLIA]] = True
+        by_compartment[[AXON, _BOUTON, SHAFT, SOMA, GLIA]] = True
         by_compartment[SPINE] = layer < _SPINE_GROWTH
         # grows[code]: whether a voxel holding `code` grows this layer.
         grows = by_compartment[compartment] & np.isin(kind_of, growing)[label]
@@ -491,12 +516,18 @@ def make_labels(shape: Sequence[int], seed: int) -> tuple[np.ndarray, dict[int, 
 
 def make_compartments(shape: Sequence[int], seed: int) -> np.ndarray:
     """The compartment code (COMPARTMENTS) of every voxel of `make_labels`, uint8 [x, y, z]."""
-    return _generate(shape, seed)[3]
+    return public_compartments(_generate(shape, seed)[3])
+
+
+def public_compartments(codes: np.ndarray) -> np.ndarray:
+    """The generator's compartment codes with boutons called axon: the compartments volume."""
+    return np.where(codes == _BOUTON, np.uint8(AXON), codes)
 
 
 def _generate(shape: Sequence[int], seed: int
               ) -> tuple[np.ndarray, dict[int, str], dict[int, int], np.ndarray]:
-    """`make_labels`, the voxel count of each segment and the compartments."""
+    """`make_labels`, the voxel count of each segment and the generator's compartment codes
+    (COMPARTMENTS', and _BOUTON for boutons)."""
     shape = _check_shape(shape)
     rng = np.random.default_rng((seed, _GEOMETRY))
     canvas = _Canvas(shape)
@@ -539,22 +570,61 @@ def boundaries(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def make_em(labels: np.ndarray, seed: int) -> np.ndarray:
-    """uint8 EM [x, y, z] for a segmentation: dark membranes, textured cytoplasm, noise.
+def _nuclei(labels: np.ndarray, compartments: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                       np.ndarray]:
+    """Masks of each cell body's nucleus, its envelope and its nucleolus: the voxels deeper
+    in the body than half (envelope: the nucleus's outer two voxels) and nine tenths of its
+    greatest depth."""
+    body = np.where(compartments == SOMA, labels, 0)
+    nucleus, envelope, nucleolus = (np.zeros(labels.shape, dtype=bool) for _ in range(3))
+    ids, inverse = np.unique(body, return_inverse=True)
+    for box, n in zip(ndi.find_objects(inverse.reshape(body.shape)), range(1, len(ids))):
+        if box is None:
+            continue
+        mine = body[box] == ids[n]
+        depth = ndi.distance_transform_edt(mine)
+        nucleus[box] |= depth > 0.5 * depth.max()
+        envelope[box] |= (depth > 0.5 * depth.max()) & (depth <= 0.5 * depth.max() + 2)
+        nucleolus[box] |= depth > 0.9 * depth.max()
+    return nucleus, envelope, nucleolus
 
-    Cytoplasm grey varies a little per segment (a hash of its id), extracellular space is
-    lighter, membranes at segment boundaries are dark, and organelle-like dark blobs sit
-    inside segments. A light blur and per-voxel noise give it the look of a real EM section.
+
+# Per compartment code (0: extracellular space, then axon, shaft, spine, soma, glia, bouton):
+# cytoplasm grey (pale glia, axoplasm darker than dendrites), and mitochondria per voxel.
+_CYTOPLASM = np.array([185, 128, 138, 140, 140, 160, 128], np.float32)
+_MITOCHONDRIA = np.array([0, 1 / 9000, 1 / 2500, 0, 1 / 2500, 1 / 8000, 1 / 9000])
+
+
+def make_em(labels: np.ndarray, compartments: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 EM [x, y, z] for a segmentation and its compartment codes: dark membranes,
+    cytoplasm and organelles as each compartment has them, noise.
+
+    Cytoplasm grey depends on the compartment (glia pale, axons darker) and varies a little
+    per segment (a hash of its id); extracellular space is lighter, membranes at segment
+    boundaries are dark. Mitochondria (dark blobs of radius 2-4 clipped to their segment) are
+    common in dendrite shafts and cell bodies, rare in axons and glia, absent from spines;
+    boutons are filled with vesicles (dark speckle); cell bodies hold a pale nucleus in a dark
+    envelope with a dark nucleolus. A light blur and per-voxel noise give it the look of a real EM
+    section. At 4x coarser voxels (the demo's) the vesicles blur into darker boutons.
     """
     rng = np.random.default_rng((seed, _EM))
     hashed = (labels * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(58)  # 0..63 per segment
-    em = np.where(labels == 0, np.float32(185), 135 + hashed.astype(np.float32) * 0.6)
+    em = np.where(labels == 0, np.float32(185),
+                  _CYTOPLASM[compartments] + hashed.astype(np.float32) * 0.6)
     em -= 85 * boundaries(labels)
+    nucleus, envelope, nucleolus = _nuclei(labels, compartments)
+    em += 30 * nucleus - 75 * envelope - 70 * nucleolus
+    em -= 60 * ((compartments == _BOUTON) & (rng.random(labels.shape, dtype=np.float32) < 0.3))
 
-    # Organelles: dark balls of radius 2-4, clipped to the segment they sit in.
-    count = labels.size // 6000
+    # Mitochondria, placed at random with each compartment's density, outside nuclei.
+    densest = _MITOCHONDRIA.max()
+    count = int(labels.size * densest)
     centers = (rng.random((count, 3)) * labels.shape).astype(np.int64)
-    radii = rng.choice([2.0, 3.0, 4.0], size=count)
+    where = compartments[centers[:, 0], centers[:, 1], centers[:, 2]]
+    keep = (rng.random(count) * densest < _MITOCHONDRIA[where]) & \
+        ~nucleus[centers[:, 0], centers[:, 1], centers[:, 2]]
+    centers = centers[keep]
+    radii = rng.choice([2.0, 3.0, 4.0], size=len(centers))
     for radius in np.unique(radii):
         at = centers[radii == radius]
         idx = at[:, None, :] + _ball(radius)
@@ -620,8 +690,9 @@ def write_dataset(out_dir: str | os.PathLike, shape: Sequence[int] | None = None
     if not _replaceable(out):
         raise FileExistsError(f"{out} exists and is not a synthetic dataset directory; "
                               "choose another output directory")
-    labels, classes, voxels, compartments = _generate(shape, seed)
-    em = make_em(labels, seed)
+    labels, classes, voxels, codes = _generate(shape, seed)
+    em = make_em(labels, codes, seed)
+    compartments = public_compartments(codes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
@@ -632,7 +703,8 @@ def write_dataset(out_dir: str | os.PathLike, shape: Sequence[int] | None = None
                   _write_volume(tmp / "compartments", compartments, "segmentation", "raw")]
         for write in writes:
             write.result()
-        meta = {"shape": list(shape), "seed": int(seed), "resolution": list(RESOLUTION),
+        meta = {"generator": VERSION, "shape": list(shape), "seed": int(seed),
+                "resolution": list(RESOLUTION),
                 "classes": {str(i): c for i, c in sorted(classes.items())},
                 "voxels": {str(i): voxels[i] for i in sorted(classes)},
                 "compartments": {str(code): name

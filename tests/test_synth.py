@@ -24,17 +24,17 @@ FRACTIONS = {"axon": (0.35, 0.45), "dendrite": (0.30, 0.40), "glia": (0.10, 0.15
 
 @pytest.fixture(scope="module")
 def generated() -> tuple[np.ndarray, dict[int, str], np.ndarray, np.ndarray]:
-    """The small volume: labels, classes, EM, compartments."""
-    labels, classes = synth.make_labels(SHAPE, SEED)
-    return labels, classes, synth.make_em(labels, SEED), synth.make_compartments(SHAPE, SEED)
+    """The small volume: labels, classes, EM, the generator's compartment codes."""
+    labels, classes, _, codes = synth._generate(SHAPE, SEED)
+    return labels, classes, synth.make_em(labels, codes, SEED), codes
 
 
 @pytest.fixture(scope="module")
 def default_size() -> tuple[np.ndarray, dict[int, str], np.ndarray]:
     """The default volume of the default seed: labels, classes, compartments. (Determinism
     is shown on the small volume: the same code paints both.)"""
-    labels, classes, _, compartments = synth._generate(synth.DEFAULT_SHAPE, 0)
-    return labels, classes, compartments
+    labels, classes, _, codes = synth._generate(synth.DEFAULT_SHAPE, 0)
+    return labels, classes, synth.public_compartments(codes)
 
 
 def _fractions(labels: np.ndarray, classes: dict[int, str]) -> dict[str, float]:
@@ -132,6 +132,42 @@ def test_classes_differ_in_thickness(generated):
     assert min(by_class["soma"]) >= 15
 
 
+def test_somata_have_proximal_neurites(default_size):
+    """A soma's own dendrites are thicker than the dendrites passing by and a smaller share
+    of them is spine; its axon (an initial segment) is thicker than the axons passing by."""
+    labels, classes, compartments = default_size
+    depth = ndi.distance_transform_edt(~synth.boundaries(labels))
+    ids = np.array(sorted(classes), dtype=np.uint64)
+    for code, passing, own_thicker in ((synth.SHAFT, "dendrite", 1.5), (synth.AXON, "axon", 1.0)):
+        # The largest inscribed radius of each segment's voxels of this compartment.
+        radius = dict(zip(ids.tolist(), ndi.maximum(np.where(compartments == code, depth, 0),
+                                                     labels, ids)))
+        own, other = ([radius[i] for i in classes if classes[i] == kind and radius[i] > 0]
+                      for kind in ("soma", passing))
+        assert np.median(own) >= np.median(other) + own_thicker, (code, own, np.median(other))
+    somata = np.isin(labels, [i for i, c in classes.items() if c == "soma"])
+    spines = [np.count_nonzero(compartments[m] == synth.SPINE)
+              / np.count_nonzero(np.isin(compartments[m], [synth.SHAFT, synth.SPINE]))
+              for m in (somata, ~somata)]
+    assert 0 < spines[0] < 0.9 * spines[1], spines  # spineless near the body
+
+
+def test_em_shows_each_compartment(generated):
+    """Boutons are darker than the rest of the axon (vesicles), glia paler than dendrites
+    (each segment's own grey varies by up to 23 levels), and a cell body's nucleus paler than
+    the cytoplasm around it."""
+    labels, _, em, codes = generated
+    interior = ~synth.boundaries(labels) & (labels != 0)
+    grey = {code: em[interior & (codes == code)].mean() for code in range(1, synth._BOUTON + 1)}
+    assert grey[synth._BOUTON] < grey[synth.AXON] - 10, grey
+    assert grey[synth.GLIA] > grey[synth.SHAFT], grey
+    nucleus, envelope, nucleolus = synth._nuclei(labels, codes)
+    body = interior & (codes == synth.SOMA)
+    nucleoplasm = body & nucleus & ~envelope & ~nucleolus
+    assert em[nucleoplasm].mean() > em[body & ~nucleus].mean() + 10
+    assert em[body & envelope].mean() < em[nucleoplasm].mean() - 20
+
+
 def test_em_is_darker_on_membranes(generated):
     labels, _, em, _ = generated
     assert em.dtype == np.uint8 and em.shape == labels.shape
@@ -142,24 +178,24 @@ def test_em_is_darker_on_membranes(generated):
 
 
 def test_deterministic_for_a_seed(generated):
-    labels, classes, em, compartments = generated
-    again, again_classes, _, again_compartments = synth._generate(SHAPE, SEED)
+    labels, classes, em, codes = generated
+    again, again_classes, _, again_codes = synth._generate(SHAPE, SEED)
     np.testing.assert_array_equal(labels, again)
     assert classes == again_classes
-    np.testing.assert_array_equal(compartments, again_compartments)
-    np.testing.assert_array_equal(em, synth.make_em(again, SEED))
+    np.testing.assert_array_equal(codes, again_codes)
+    np.testing.assert_array_equal(em, synth.make_em(again, again_codes, SEED))
     other, _ = synth.make_labels(SHAPE, SEED + 1)
     assert not np.array_equal(labels != 0, other != 0)
 
 
 def test_round_trip_through_volume_reader(generated, written):
-    labels, classes, em, compartments = generated
+    labels, classes, em, codes = generated
     assert written.classes == classes and written.shape == SHAPE and written.seed == SEED
     em_volume, segmentation = open_volumes(written.em, written.segmentation)
     assert segmentation.bounds.shape == SHAPE and em_volume.bounds.shape == SHAPE
     np.testing.assert_array_equal(segmentation.read(segmentation.bounds), labels)
     stored = open_volume(written.compartments, "compartments", synth.RESOLUTION)
-    np.testing.assert_array_equal(stored.read(stored.bounds), compartments)
+    np.testing.assert_array_equal(stored.read(stored.bounds), synth.public_compartments(codes))
     stored = em_volume.read(em_volume.bounds).astype(np.int16)
     assert np.abs(stored - em).mean() < 4  # jpeg is lossy
 
