@@ -87,7 +87,8 @@ class DemoSize:
 # 33^3 cutouts at four times the synthetic voxel size: windows 4.2 um across, the published
 # field of view, at 1/3800 of the published arithmetic. Supervised on the four classes, this
 # network reads them from such windows better than from 2.1 um ones (at 2x): per node 0.73
-# against 0.63 balanced accuracy on the evaluation volume after 800 steps of 32 cutouts.
+# against 0.63 balanced accuracy on the evaluation volume after 800 steps of 32 cutouts
+# (synthetic data of generator version 1).
 DEMO = DemoSize("demo", downsampling=4, widths=(8, 16, 32, 64), cutout_size=33,
                 bottleneck_width=64, steps=1500, batch_size=16, learning_rate=1e-3,
                 warmup_steps=30, min_distance_nm=500.0, max_distance_nm=2500.0)
