@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 import cc3d
+import fastremap
 import numpy as np
 import scipy.ndimage as ndi
 import tensorstore as ts
@@ -575,16 +576,16 @@ def _nuclei(labels: np.ndarray, compartments: np.ndarray) -> tuple[np.ndarray, n
     """Masks of each cell body's nucleus, its envelope and its nucleolus: the voxels deeper
     in the body than half (envelope: the nucleus's outer two voxels) and nine tenths of its
     greatest depth."""
-    body = np.where(compartments == SOMA, labels, 0)
+    bodies, _ = fastremap.renumber(np.where(compartments == SOMA, labels, 0), in_place=True)
     nucleus, envelope, nucleolus = (np.zeros(labels.shape, dtype=bool) for _ in range(3))
-    ids, inverse = np.unique(body, return_inverse=True)
-    for box, n in zip(ndi.find_objects(inverse.reshape(body.shape)), range(1, len(ids))):
+    for n, box in enumerate(ndi.find_objects(bodies), start=1):
         if box is None:
             continue
-        mine = body[box] == ids[n]
-        depth = ndi.distance_transform_edt(mine)
-        nucleus[box] |= depth > 0.5 * depth.max()
-        envelope[box] |= (depth > 0.5 * depth.max()) & (depth <= 0.5 * depth.max() + 2)
+        depth = ndi.distance_transform_edt(bodies[box] == n)
+        half = 0.5 * depth.max()
+        inner = depth > half
+        nucleus[box] |= inner
+        envelope[box] |= inner & (depth <= half + 2)
         nucleolus[box] |= depth > 0.9 * depth.max()
     return nucleus, envelope, nucleolus
 
