@@ -515,11 +515,6 @@ def make_labels(shape: Sequence[int], seed: int) -> tuple[np.ndarray, dict[int, 
     return labels, classes
 
 
-def make_compartments(shape: Sequence[int], seed: int) -> np.ndarray:
-    """The compartment code (COMPARTMENTS) of every voxel of `make_labels`, uint8 [x, y, z]."""
-    return public_compartments(_generate(shape, seed)[3])
-
-
 def public_compartments(codes: np.ndarray) -> np.ndarray:
     """The generator's compartment codes with boutons called axon: the compartments volume."""
     return np.where(codes == _BOUTON, np.uint8(AXON), codes)
@@ -527,8 +522,8 @@ def public_compartments(codes: np.ndarray) -> np.ndarray:
 
 def _generate(shape: Sequence[int], seed: int
               ) -> tuple[np.ndarray, dict[int, str], dict[int, int], np.ndarray]:
-    """`make_labels`, the voxel count of each segment and the generator's compartment codes
-    (COMPARTMENTS', and _BOUTON for boutons)."""
+    """`make_labels`, the voxel count of each segment and the generator's compartment code of
+    every voxel (COMPARTMENTS' codes, and _BOUTON for boutons; see public_compartments)."""
     shape = _check_shape(shape)
     rng = np.random.default_rng((seed, _GEOMETRY))
     canvas = _Canvas(shape)
